@@ -1,0 +1,3 @@
+from centime.cli import main
+
+main()

@@ -1,0 +1,216 @@
+"""The app factory: opens Postgres and Redis once, composes the services,
+and renders every error as RFC 9457 problem+json with a stable code."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import redis.asyncio as redis
+from litestar import Litestar, MediaType, Request, Response, get
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.exceptions import (
+    HTTPException,
+    NotAuthorizedException,
+    PermissionDeniedException,
+    ValidationException,
+)
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import ScalarRenderPlugin
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from centime import metrics
+from centime.auth import KeyStore, require_scope
+from centime.errors import CentimeError
+from centime.settings import Settings, load_settings
+from ledger.writer import LedgerWriter
+from wallet.api import WalletController
+from wallet.cache import Cache
+from wallet.service import Wallets
+from wallet.sweeper import SweepReport, run_sweeper
+
+log = logging.getLogger("centime")
+PROBLEM_JSON = "application/problem+json"
+
+
+def problem(status: int, code: str, title: str, detail: str, **extra: Any) -> Response[dict[str, Any]]:
+    metrics.errors_total.labels(code).inc()
+    body = {
+        "type": f"https://centime.dev/problems/{code}",
+        "title": title,
+        "status": status,
+        "code": code,
+        "detail": detail,
+    }
+    body.update(extra)
+    return Response(body, status_code=status, media_type=PROBLEM_JSON)
+
+
+def _centime_error(_: Request, exc: CentimeError) -> Response[dict[str, Any]]:
+    if exc.status >= 500:
+        log.warning("%s: %s", exc.code, exc.detail, exc_info=exc.__cause__ is not None)
+    return problem(exc.status, exc.code, exc.title, exc.detail, **exc.extra)
+
+
+def _validation_error(_: Request, exc: ValidationException) -> Response[dict[str, Any]]:
+    errors = exc.extra if isinstance(exc.extra, list) else []
+    fields = [str(e.get("key") or "") for e in errors if isinstance(e, dict)]
+    messages = [f"{e.get('key') or 'body'}: {e.get('message')}" for e in errors if isinstance(e, dict)]
+    detail = "; ".join(messages) or exc.detail
+    return problem(400, "invalid_request", "Invalid request", detail, fields=[f for f in fields if f])
+
+
+_HTTP_CODES = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def _http_error(_: Request, exc: HTTPException) -> Response[dict[str, Any]]:
+    code = _HTTP_CODES.get(exc.status_code, "http_error" if exc.status_code < 500 else "internal_error")
+    return problem(exc.status_code, code, code.replace("_", " ").capitalize(), exc.detail)
+
+
+def _internal_error(_: Request, exc: Exception) -> Response[dict[str, Any]]:
+    log.error("unhandled error", exc_info=exc)
+    return problem(500, "internal_error", "Internal error", "an internal error occurred; it was logged")
+
+
+async def _wallets(state: State) -> Wallets:
+    return state.wallets
+
+
+@get("/healthz", include_in_schema=False, media_type=MediaType.TEXT)
+async def healthz() -> str:
+    return "ok"
+
+
+@get("/readyz", include_in_schema=False)
+async def readyz(state: State) -> Response[dict[str, str]]:
+    checks = {}
+    try:
+        async with state.pool.acquire(timeout=1) as conn:
+            await conn.fetchval("SELECT 1", timeout=1)
+        checks["postgres"] = "ok"
+    except Exception as exc:
+        checks["postgres"] = f"down: {exc!r}"
+    try:
+        await asyncio.wait_for(state.cache.client.ping(), 1)
+        checks["redis"] = "ok"
+    except Exception as exc:
+        checks["redis"] = f"down: {exc!r}"
+    ready = all(v == "ok" for v in checks.values())
+    return Response(checks, status_code=200 if ready else 503)
+
+
+@get("/metrics", include_in_schema=False)
+async def metrics_endpoint() -> Response[bytes]:
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def redis_client(url: str, settings: Settings) -> redis.Redis:
+    timeout_s = settings.redis_timeout_ms / 1000
+    # No automatic retries: a retried EVALSHA would look like a replay. The
+    # debit path settles Redis errors itself.
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        max_connections=256,
+    )
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    settings = settings or load_settings()
+    if settings.database_url is None or settings.redis_url is None:
+        raise SystemExit("CENTIME_DATABASE_URL and CENTIME_REDIS_URL must be set (centime serve sets them)")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        database_url, redis_url = settings.database_url, settings.redis_url
+        timeout_s = settings.database_timeout_ms / 1000
+        pool = await asyncpg.create_pool(
+            database_url,
+            min_size=1,
+            max_size=settings.database_pool_max,
+            command_timeout=timeout_s,
+            timeout=timeout_s,
+        )
+        client = redis_client(redis_url, settings)
+        cache = Cache(client, prefix=settings.redis_prefix, partition_count=settings.partition_count)
+        wallets: Wallets | None = None
+
+        async def after_commit(entries, outcomes):  # type: ignore[no-untyped-def]
+            assert wallets is not None
+            return await wallets.after_commit(entries, outcomes)
+
+        writer = LedgerWriter(
+            lambda: asyncpg.connect(database_url, timeout=timeout_s, command_timeout=timeout_s),
+            batch_entries_max=settings.commit_batch_entries_max,
+            connections=settings.commit_connections,
+            timeout_s=timeout_s,
+            after_commit=after_commit,
+            observe_batch=metrics.commit_batch_entries.observe,
+        )
+        wallets = Wallets(pool=pool, cache=cache, writer=writer, settings=settings)
+        app.state.update(
+            pool=pool,
+            cache=cache,
+            wallets=wallets,
+            key_store=KeyStore(pool, settings.api_key_cache_ttl_s),
+        )
+        writer.start()
+        stop = asyncio.Event()
+        sweeper = None
+        if settings.run_sweeper:
+
+            def on_pass(report: SweepReport, depth: int) -> None:
+                metrics.outbox_depth.set(depth)
+
+            sweeper = asyncio.create_task(run_sweeper(pool, cache, settings, stop=stop, on_pass=on_pass))
+        try:
+            yield
+        finally:
+            stop.set()
+            if sweeper is not None:
+                await sweeper
+            await writer.stop()
+            await client.aclose()
+            await pool.close()
+
+    return Litestar(
+        route_handlers=[WalletController, healthz, readyz, metrics_endpoint],
+        lifespan=[lifespan],
+        guards=[require_scope],
+        dependencies={"wallets": Provide(_wallets)},
+        exception_handlers={
+            CentimeError: _centime_error,
+            ValidationException: _validation_error,
+            NotAuthorizedException: _http_error,
+            PermissionDeniedException: _http_error,
+            HTTPException: _http_error,
+            Exception: _internal_error,
+        },
+        openapi_config=OpenAPIConfig(
+            title="centime",
+            version="0.1.0",
+            description="Wallets and a double-entry ledger for micro-payments.",
+            path="/schema",
+            render_plugins=[ScalarRenderPlugin()],
+        ),
+        request_max_body_size=64 * 1024,
+        debug=False,
+    )

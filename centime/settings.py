@@ -1,0 +1,74 @@
+"""Settings, decoded once from CENTIME_* environment variables into a frozen
+struct. A bad value is a startup error that names the variable."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+import msgspec
+
+ENV_PREFIX = "CENTIME_"
+
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # Storage. With neither URL set, `centime serve` starts embedded ones.
+    database_url: str | None = None
+    redis_url: str | None = None
+    data_dir: str = ".centime"
+    # Redis key layout: `<redis_prefix>:{p<n>}:...`. partition_count must never
+    # change once wallets exist: it decides which partition holds a wallet.
+    redis_prefix: Annotated[str, msgspec.Meta(pattern="^[A-Za-z0-9_-]{1,32}$")] = "c"
+    partition_count: Annotated[int, msgspec.Meta(ge=1, le=16384)] = 64
+    # Idempotency records live this long in Redis; the ledger keeps keys forever.
+    idempotency_ttl_s: Annotated[int, msgspec.Meta(ge=60, le=7 * 24 * 3600)] = 3600
+    # Group commit: entries per transaction, and transactions in flight.
+    commit_batch_entries_max: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 16
+    commit_connections: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    # Bounded waits. A debit whose commit outlives commit_timeout_ms is answered 503.
+    commit_timeout_ms: Annotated[int, msgspec.Meta(ge=10, le=60_000)] = 2000
+    database_timeout_ms: Annotated[int, msgspec.Meta(ge=10, le=60_000)] = 2000
+    redis_timeout_ms: Annotated[int, msgspec.Meta(ge=10, le=60_000)] = 1000
+    database_pool_max: Annotated[int, msgspec.Meta(ge=2, le=200)] = 10
+    # The sweeper: settles outbox entries nobody committed, and abandoned ones.
+    run_sweeper: bool = True
+    sweeper_interval_ms: Annotated[int, msgspec.Meta(ge=10, le=3_600_000)] = 1000
+    sweeper_grace_ms: Annotated[int, msgspec.Meta(ge=100, le=3_600_000)] = 30_000
+    sweeper_batch_max: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 500
+    # API keys are cached in-process this long after a lookup.
+    api_key_cache_ttl_s: Annotated[int, msgspec.Meta(ge=0, le=3600)] = 10
+    log_level: Annotated[str, msgspec.Meta(pattern="^(DEBUG|INFO|WARNING|ERROR)$")] = "INFO"
+
+
+class SettingsError(Exception):
+    """A CENTIME_* variable has a bad value; the message names it."""
+
+
+def _env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Decode CENTIME_* variables. Unknown CENTIME_* names are errors too:
+    a typo in a variable name must not silently fall back to a default."""
+    environ = os.environ if environ is None else environ
+    fields = {f.name: f for f in msgspec.structs.fields(Settings)}
+    raw: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        field = name[len(ENV_PREFIX) :].lower()
+        if field not in fields:
+            raise SettingsError(
+                f"{name} is not a centime setting (known: {', '.join(sorted(_env_name(f) for f in fields))})"
+            )
+        raw[field] = value
+    for field, value in raw.items():
+        try:
+            msgspec.convert({field: value}, Settings, strict=False)
+        except msgspec.ValidationError as exc:
+            raise SettingsError(f"{_env_name(field)}={value!r} is invalid: {exc}") from None
+    return msgspec.convert(raw, Settings, strict=False)

@@ -1,0 +1,67 @@
+"""Account ids and the lines of each kind of entry.
+
+A wallet's liability account has the wallet's own id. System accounts have
+ids derived from (kind, currency), so code can name them without a lookup."""
+
+from __future__ import annotations
+
+import uuid
+
+from centime.errors import invariant
+from ledger.schemas import EntryRecord, Line
+
+SYSTEM_ACCOUNT_KINDS = (
+    "revenue",
+    "promotions",
+    "stripe_clearing",
+    "stripe_fees",
+    "refunds",
+    "disputes",
+)
+_NAMESPACE = uuid.UUID("5b0f6f7e-3c55-4d4a-9d38-2a5b1f0c7e11")
+
+
+def system_account_id(kind: str, currency: str) -> uuid.UUID:
+    invariant(kind in SYSTEM_ACCOUNT_KINDS, f"unknown system account kind {kind!r}")
+    return uuid.uuid5(_NAMESPACE, f"{kind}:{currency}")
+
+
+def debit_lines(wallet_id: uuid.UUID, currency: str, amount_micros: int) -> tuple[Line, ...]:
+    """The user spends: our liability to them falls, revenue rises."""
+    return (
+        Line(wallet_id, amount_micros),
+        Line(system_account_id("revenue", currency), -amount_micros),
+    )
+
+
+def credit_lines(wallet_id: uuid.UUID, currency: str, amount_micros: int) -> tuple[Line, ...]:
+    """A promotional grant or support adjustment: we owe the user more."""
+    return (
+        Line(system_account_id("promotions", currency), amount_micros),
+        Line(wallet_id, -amount_micros),
+    )
+
+
+def reversal_of(entry: EntryRecord, reversal_id: uuid.UUID) -> EntryRecord:
+    """The entry that undoes `entry`: the same lines, negated."""
+    invariant(len(entry.lines) >= 2, f"entry {entry.id} has no lines to reverse")
+    return EntryRecord(
+        id=reversal_id,
+        kind="reversal",
+        currency=entry.currency,
+        wallet_id=entry.wallet_id,
+        amount_micros=entry.amount_micros,
+        balance_micros=None,
+        idempotency_key=entry.idempotency_key,
+        request_hash=None,
+        reverses_entry_id=entry.id,
+        description=f"reversal of {entry.kind} {entry.id}",
+        metadata={},
+        created_at=entry.created_at,
+        lines=tuple(Line(line.account_id, -line.amount_micros) for line in entry.lines),
+    )
+
+
+def reversal_id_for(entry_id: uuid.UUID) -> uuid.UUID:
+    """Deterministic, so settling the same entry twice writes one reversal."""
+    return uuid.uuid5(_NAMESPACE, f"reversal:{entry_id}")

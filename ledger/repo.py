@@ -1,0 +1,122 @@
+"""The only place ledger SQL runs. Every function takes its connection."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+import asyncpg
+import msgspec
+
+from centime.sql import load_queries
+from ledger.accounts import SYSTEM_ACCOUNT_KINDS, system_account_id
+from ledger.schemas import EntryRecord, KeyHolder
+
+Q = load_queries("ledger")
+_metadata_encoder = msgspec.json.Encoder(order="sorted")
+_metadata_decoder = msgspec.json.Decoder(dict[str, str])
+
+
+async def insert_entries(
+    conn: asyncpg.Connection, entries: Sequence[EntryRecord], *, timeout_s: float
+) -> set[uuid.UUID]:
+    """Write entries with their lines, skipping any already present by id or
+    by (wallet, idempotency key). Returns the ids written by this call."""
+    line_entry_ids: list[uuid.UUID] = []
+    line_numbers: list[int] = []
+    line_accounts: list[uuid.UUID] = []
+    line_currencies: list[str] = []
+    line_amounts: list[int] = []
+    for entry in entries:
+        for number, line in enumerate(entry.lines):
+            line_entry_ids.append(entry.id)
+            line_numbers.append(number)
+            line_accounts.append(line.account_id)
+            line_currencies.append(entry.currency)
+            line_amounts.append(line.amount_micros)
+    rows = await conn.fetch(
+        Q["insert_entries"],
+        [e.id for e in entries],
+        [e.kind for e in entries],
+        [e.currency for e in entries],
+        [e.wallet_id for e in entries],
+        [e.amount_micros for e in entries],
+        [e.balance_micros for e in entries],
+        [e.idempotency_key for e in entries],
+        [e.request_hash for e in entries],
+        [e.reverses_entry_id for e in entries],
+        [e.description for e in entries],
+        [_metadata_encoder.encode(e.metadata).decode() for e in entries],
+        [e.created_at for e in entries],
+        line_entry_ids,
+        line_numbers,
+        line_accounts,
+        line_currencies,
+        line_amounts,
+        timeout=timeout_s,
+    )
+    return {row["id"] for row in rows}
+
+
+async def ensure_system_accounts(conn: asyncpg.Connection, currency: str) -> None:
+    ids = [system_account_id(kind, currency) for kind in SYSTEM_ACCOUNT_KINDS]
+    await conn.execute(Q["ensure_system_accounts"], ids, list(SYSTEM_ACCOUNT_KINDS), currency)
+
+
+async def insert_wallet_account(conn: asyncpg.Connection, wallet_id: uuid.UUID, currency: str) -> None:
+    await conn.execute(Q["insert_wallet_account"], wallet_id, currency)
+
+
+def _record(row: asyncpg.Record) -> EntryRecord:
+    return EntryRecord(
+        id=row["id"],
+        kind=row["kind"],
+        currency=row["currency"],
+        wallet_id=row["wallet_id"],
+        amount_micros=row["amount_micros"],
+        balance_micros=row["balance_micros"],
+        idempotency_key=row["idempotency_key"],
+        request_hash=row["request_hash"],
+        reverses_entry_id=row["reverses_entry_id"],
+        description=row["description"],
+        metadata=_metadata_decoder.decode(row["metadata"]),
+        created_at=row["created_at"],
+    )
+
+
+async def entries_by_id(conn: asyncpg.Connection, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, EntryRecord]:
+    rows = await conn.fetch(Q["entries_by_id"], list(ids))
+    return {row["id"]: _record(row) for row in rows}
+
+
+async def entry_by_wallet_key(
+    conn: asyncpg.Connection, wallet_id: uuid.UUID, idempotency_key: str
+) -> KeyHolder | None:
+    row = await conn.fetchrow(Q["entry_by_wallet_key"], wallet_id, idempotency_key)
+    return None if row is None else KeyHolder(_record(row), row["reversed_by"])
+
+
+async def wallet_entries_page(
+    conn: asyncpg.Connection, wallet_id: uuid.UUID, starting_after: uuid.UUID | None, limit: int
+) -> list[EntryRecord]:
+    return [
+        _record(row) for row in await conn.fetch(Q["wallet_entries_page"], wallet_id, starting_after, limit)
+    ]
+
+
+async def account_balance(conn: asyncpg.Connection, account_id: uuid.UUID) -> int:
+    return await conn.fetchval(Q["account_balance"], account_id)
+
+
+async def unbalanced_entries(conn: asyncpg.Connection, limit: int) -> list[tuple[uuid.UUID, int, int]]:
+    rows = await conn.fetch(Q["unbalanced_entries"], limit)
+    return [(row["id"], row["line_count"], row["total_micros"]) for row in rows]
+
+
+async def lines_total(conn: asyncpg.Connection) -> tuple[int, int]:
+    row = await conn.fetchrow(Q["lines_total"])
+    return row["total_micros"], row["line_count"]
+
+
+async def mismatched_reversals(conn: asyncpg.Connection, limit: int) -> list[uuid.UUID]:
+    return [row["id"] for row in await conn.fetch(Q["mismatched_reversals"], limit)]

@@ -1,0 +1,41 @@
+"""Internal ledger structs. Frozen: an entry, once built, never changes."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Literal
+
+import msgspec
+
+EntryKind = Literal["debit", "credit", "reversal"]
+
+
+class Line(msgspec.Struct, frozen=True):
+    """One side of an entry. Positive: debit side; negative: credit side."""
+
+    account_id: uuid.UUID
+    amount_micros: int
+
+
+class EntryRecord(msgspec.Struct, frozen=True, kw_only=True):
+    id: uuid.UUID
+    kind: EntryKind
+    currency: str
+    wallet_id: uuid.UUID
+    amount_micros: int
+    balance_micros: int | None
+    idempotency_key: str | None
+    request_hash: str | None
+    reverses_entry_id: uuid.UUID | None = None
+    description: str | None = None
+    metadata: dict[str, str] = {}
+    created_at: datetime
+    lines: tuple[Line, ...] = ()
+
+
+class KeyHolder(msgspec.Struct, frozen=True):
+    """The entry that already holds an idempotency key, and its reversal."""
+
+    entry: EntryRecord
+    reversed_by: uuid.UUID | None

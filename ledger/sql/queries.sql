@@ -1,0 +1,92 @@
+-- Queries of the ledger. The only place ledger SQL lives.
+
+-- name: insert_entries
+-- Writes entries and their lines in one statement: the balance trigger checks
+-- each entry when the statement ends, so both must be in it. An entry already
+-- present (same id, or same wallet and idempotency key) is skipped with its
+-- lines; RETURNING names the entries this statement wrote.
+WITH written AS (
+    INSERT INTO journal_entries (
+        id, kind, currency, wallet_id, amount_micros, balance_micros,
+        idempotency_key, request_hash, reverses_entry_id, description, metadata, created_at
+    )
+    SELECT e.id, e.kind, e.currency, e.wallet_id, e.amount_micros, e.balance_micros,
+           e.idempotency_key, e.request_hash, e.reverses_entry_id, e.description,
+           e.metadata::jsonb, e.created_at
+      FROM unnest(
+               $1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::bigint[], $6::bigint[],
+               $7::text[], $8::text[], $9::uuid[], $10::text[], $11::text[], $12::timestamptz[]
+           ) AS e (id, kind, currency, wallet_id, amount_micros, balance_micros,
+                   idempotency_key, request_hash, reverses_entry_id, description, metadata, created_at)
+    ON CONFLICT DO NOTHING
+    RETURNING id
+), lines AS (
+    INSERT INTO journal_lines (entry_id, line_no, account_id, currency, amount_micros)
+    SELECT l.entry_id, l.line_no, l.account_id, l.currency, l.amount_micros
+      FROM unnest($13::uuid[], $14::smallint[], $15::uuid[], $16::text[], $17::bigint[])
+           AS l (entry_id, line_no, account_id, currency, amount_micros)
+     WHERE l.entry_id IN (SELECT id FROM written)
+)
+SELECT id FROM written
+
+-- name: ensure_system_accounts
+-- Creates the system accounts of a currency if missing. $1: ids, $2: kinds.
+INSERT INTO accounts (id, kind, currency)
+SELECT a.id, a.kind, $3 FROM unnest($1::uuid[], $2::text[]) AS a (id, kind)
+ON CONFLICT DO NOTHING
+
+-- name: insert_wallet_account
+INSERT INTO accounts (id, kind, currency, wallet_id) VALUES ($1, 'wallet', $2, $1)
+
+-- name: entries_by_id
+SELECT id, kind, currency, wallet_id, amount_micros, balance_micros, idempotency_key,
+       request_hash, reverses_entry_id, description, metadata::text AS metadata, created_at
+  FROM journal_entries
+ WHERE id = ANY($1::uuid[])
+
+-- name: entry_by_wallet_key
+-- The debit or credit that holds this idempotency key in this wallet, and
+-- the id of its reversal, if it has one.
+SELECT e.id, e.kind, e.currency, e.wallet_id, e.amount_micros, e.balance_micros,
+       e.idempotency_key, e.request_hash, e.reverses_entry_id, e.description,
+       e.metadata::text AS metadata, e.created_at, r.id AS reversed_by
+  FROM journal_entries e
+  LEFT JOIN journal_entries r ON r.reverses_entry_id = e.id
+ WHERE e.wallet_id = $1 AND e.idempotency_key = $2 AND e.kind <> 'reversal'
+
+-- name: wallet_entries_page
+-- Newest first; $2 is the cursor (an entry id, exclusive) or NULL; $3 the limit.
+SELECT id, kind, currency, wallet_id, amount_micros, balance_micros, idempotency_key,
+       request_hash, reverses_entry_id, description, metadata::text AS metadata, created_at
+  FROM journal_entries
+ WHERE wallet_id = $1 AND ($2::uuid IS NULL OR id < $2::uuid)
+ ORDER BY id DESC
+ LIMIT $3
+
+-- name: account_balance
+-- Liability balance of a wallet account: credits minus debits.
+SELECT coalesce(-sum(amount_micros), 0)::bigint AS balance_micros
+  FROM journal_lines
+ WHERE account_id = $1
+
+
+-- name: unbalanced_entries
+-- Entries whose lines do not sum to zero, or that have fewer than two lines.
+SELECT e.id, count(l.entry_id) AS line_count, coalesce(sum(l.amount_micros), 0)::bigint AS total_micros
+  FROM journal_entries e
+  LEFT JOIN journal_lines l ON l.entry_id = e.id
+ GROUP BY e.id
+HAVING count(l.entry_id) < 2 OR coalesce(sum(l.amount_micros), 0) <> 0
+ LIMIT $1
+
+-- name: lines_total
+SELECT coalesce(sum(amount_micros), 0)::bigint AS total_micros, count(*) AS line_count
+  FROM journal_lines
+
+-- name: mismatched_reversals
+-- A reversal must reverse an entry of the same wallet and amount.
+SELECT r.id
+  FROM journal_entries r
+  JOIN journal_entries o ON o.id = r.reverses_entry_id
+ WHERE r.kind = 'reversal' AND (o.wallet_id <> r.wallet_id OR o.amount_micros <> r.amount_micros)
+ LIMIT $1

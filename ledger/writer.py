@@ -1,0 +1,201 @@
+"""Group commit: concurrent entries share one Postgres statement.
+
+Each of `connections` workers owns one connection. A worker takes the first
+waiting entry and whatever else is already queued, up to
+`batch_entries_max`, and writes them all in one autocommit statement (entries
+and lines together). While it waits on Postgres, new entries queue up and
+form the next batch, so batches grow with load and stay at one under light
+load: no timer adds latency.
+
+A failed write is either *definite* (Postgres answered with an error, or the
+statement was never sent: nothing was written) or *uncertain* (the statement
+went out and no answer came back: it may have committed). Callers settle the
+two differently; see docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+
+import asyncpg
+import msgspec
+
+from ledger import repo
+from ledger.schemas import EntryRecord, KeyHolder
+
+log = logging.getLogger(__name__)
+
+QUEUE_ENTRIES_MAX = 50_000
+"""Entries waiting for a worker; past this, submit() refuses at once."""
+
+# SQLSTATE classes after which a statement may or may not have committed:
+# connection exceptions, operator intervention (shutdown), resources, system.
+_UNCERTAIN_SQLSTATE_CLASSES = ("08", "53", "57", "58", "XX")
+
+
+class Committed(msgspec.Struct, frozen=True):
+    """The entry is in the ledger (`written`: by this statement, or before)."""
+
+    entry_id: uuid.UUID
+    written: bool
+
+
+class KeyTaken(msgspec.Struct, frozen=True):
+    """Another entry already holds this entry's (wallet, idempotency key)."""
+
+    holder: KeyHolder
+
+
+Outcome = Committed | KeyTaken
+
+
+class CommitFailed(Exception):
+    def __init__(self, message: str, *, definite: bool) -> None:
+        super().__init__(message)
+        self.definite = definite
+
+
+class QueueFull(Exception):
+    """More entries wait than QUEUE_ENTRIES_MAX. Nothing was sent."""
+
+
+def is_definite_failure(exc: BaseException) -> bool:
+    """True when Postgres answered with an error that rolled the statement back."""
+    if isinstance(exc, asyncpg.PostgresError):
+        sqlstate = getattr(exc, "sqlstate", None) or "XX000"
+        return not sqlstate.startswith(_UNCERTAIN_SQLSTATE_CLASSES)
+    return False
+
+
+async def write_entries(
+    conn: asyncpg.Connection, entries: Sequence[EntryRecord], *, timeout_s: float
+) -> list[Outcome]:
+    """Write a batch and say, per entry, what the ledger holds now."""
+    written = await repo.insert_entries(conn, entries, timeout_s=timeout_s)
+    skipped = [entry for entry in entries if entry.id not in written]
+    present = await repo.entries_by_id(conn, [entry.id for entry in skipped]) if skipped else {}
+    outcomes: list[Outcome] = []
+    for entry in entries:
+        if entry.id in written:
+            outcomes.append(Committed(entry.id, written=True))
+        elif entry.id in present:
+            outcomes.append(Committed(entry.id, written=False))
+        else:
+            holder = None
+            if entry.idempotency_key is not None:
+                holder = await repo.entry_by_wallet_key(conn, entry.wallet_id, entry.idempotency_key)
+            if holder is None:
+                raise CommitFailed(f"entry {entry.id} was refused for an unknown conflict", definite=True)
+            outcomes.append(KeyTaken(holder))
+    return outcomes
+
+
+AfterCommit = Callable[[Sequence[EntryRecord], list[Outcome]], Awaitable[list[object]]]
+
+
+class LedgerWriter:
+    def __init__(
+        self,
+        connect: Callable[[], Awaitable[asyncpg.Connection]],
+        *,
+        batch_entries_max: int,
+        connections: int,
+        timeout_s: float,
+        after_commit: AfterCommit | None = None,
+        observe_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        self._connect = connect
+        self._batch_entries_max = batch_entries_max
+        self._connections = connections
+        self._timeout_s = timeout_s
+        self._after_commit = after_commit
+        self._observe_batch = observe_batch
+        self._queue: asyncio.Queue[tuple[EntryRecord, asyncio.Future[object]]] = asyncio.Queue()
+        self._workers: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._workers = [
+            asyncio.create_task(self._work(), name=f"ledger-writer-{n}") for n in range(self._connections)
+        ]
+
+    async def stop(self) -> None:
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers = []
+        while not self._queue.empty():
+            _, future = self._queue.get_nowait()
+            if not future.done():
+                future.set_exception(CommitFailed("the ledger writer stopped", definite=True))
+
+    def submit(self, entry: EntryRecord) -> asyncio.Future[object]:
+        if self._queue.qsize() >= QUEUE_ENTRIES_MAX:
+            raise QueueFull(f"{QUEUE_ENTRIES_MAX} entries already wait for the ledger")
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((entry, future))
+        return future
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    async def _next_batch(self) -> list[tuple[EntryRecord, asyncio.Future[object]]]:
+        batch = [await self._queue.get()]
+        while len(batch) < self._batch_entries_max and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+        return batch
+
+    async def _work(self) -> None:
+        conn: asyncpg.Connection | None = None
+        try:
+            while True:
+                batch = await self._next_batch()
+                entries = [entry for entry, _ in batch]
+                if conn is None or conn.is_closed():
+                    try:
+                        conn = await asyncio.wait_for(self._connect(), self._timeout_s)
+                    except Exception as exc:  # nothing was sent: definite
+                        conn = None
+                        _fail(
+                            batch,
+                            CommitFailed(f"cannot connect to Postgres: {exc!r}", definite=True),
+                        )
+                        continue
+                try:
+                    outcomes = await write_entries(conn, entries, timeout_s=self._timeout_s)
+                except Exception as exc:
+                    definite = exc.definite if isinstance(exc, CommitFailed) else is_definite_failure(exc)
+                    if not definite:
+                        conn.terminate()
+                        conn = None
+                    log.warning(
+                        "ledger write of %d entries failed (%s): %r",
+                        len(batch),
+                        "definite" if definite else "uncertain",
+                        exc,
+                    )
+                    _fail(batch, CommitFailed(repr(exc), definite=definite))
+                    continue
+                if self._observe_batch is not None:
+                    self._observe_batch(len(batch))
+                results: list[object] = list(outcomes)
+                if self._after_commit is not None:
+                    try:
+                        results = await self._after_commit(entries, outcomes)
+                    except Exception:
+                        log.exception("after-commit hook failed; the entries are committed")
+                for (_, future), result in zip(batch, results, strict=True):
+                    if not future.done():
+                        future.set_result(result)
+        finally:
+            if conn is not None:
+                conn.terminate()
+
+
+def _fail(batch: Sequence[tuple[EntryRecord, asyncio.Future[object]]], exc: CommitFailed) -> None:
+    for _, future in batch:
+        if not future.done():
+            future.set_exception(exc)

@@ -1,0 +1,296 @@
+"""Shared fixtures: real Postgres and Redis, a fresh database per run.
+
+Storage, in order: CENTIME_DATABASE_URL / CENTIME_REDIS_URL from the
+environment; else 127.0.0.1:5432 and :6379 if they answer; else embedded
+ones under a temporary directory. Each run creates its own database (and
+template, for tests that need a private one) and its own Redis key prefix,
+and removes them at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import msgspec
+import pytest
+import redis.asyncio as redis
+
+from centime.auth import create_api_key
+from centime.migrate import migrate
+from centime.settings import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN_ID = secrets.token_hex(4)
+
+
+def _answers(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+        return True
+    return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def with_database(url: str, name: str) -> str:
+    """The same server URL, naming another database."""
+    base, _, rest = url.rpartition("/")
+    query = "?" + rest.split("?", 1)[1] if "?" in rest else ""
+    return f"{base}/{name}{query}"
+
+
+class Stores(msgspec.Struct, frozen=True):
+    server_url: str  # a database URL on the server, used to create and drop databases
+    redis_url: str
+
+
+@pytest.fixture(scope="session")
+def stores() -> Iterator[Stores]:
+    database_url = os.environ.get("CENTIME_DATABASE_URL")
+    redis_url = os.environ.get("CENTIME_REDIS_URL")
+    if database_url and redis_url:
+        yield Stores(database_url, redis_url)
+        return
+    if _answers("127.0.0.1", 5432) and _answers("127.0.0.1", 6379):
+        yield Stores("postgresql://postgres@127.0.0.1:5432/postgres", "redis://127.0.0.1:6379/0")
+        return
+    from centime.embedded import embedded_stores
+
+    with (
+        tempfile.TemporaryDirectory(prefix="centime-test-") as tmp,
+        embedded_stores(Path(tmp)) as embedded,
+    ):
+        yield Stores(embedded.database_url, embedded.redis_url)
+
+
+async def create_database(stores: Stores, name: str, template: str | None = None) -> str:
+    conn = await asyncpg.connect(stores.server_url)
+    try:
+        suffix = f" TEMPLATE {template}" if template else ""
+        await conn.execute(f"CREATE DATABASE {name}{suffix}")
+    finally:
+        await conn.close()
+    return with_database(stores.server_url, name)
+
+
+async def drop_database(stores: Stores, name: str) -> None:
+    conn = await asyncpg.connect(stores.server_url)
+    try:
+        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+async def template_database(stores: Stores) -> AsyncIterator[str]:
+    """A migrated, empty database to clone: CREATE DATABASE ... TEMPLATE is fast."""
+    name = f"centime_tmpl_{RUN_ID}"
+    url = await create_database(stores, name)
+    conn = await asyncpg.connect(url)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    yield name
+    await drop_database(stores, name)
+
+
+@pytest.fixture(scope="session")
+async def database_url(stores: Stores, template_database: str) -> AsyncIterator[str]:
+    """The run's shared database, migrated."""
+    name = f"centime_test_{RUN_ID}"
+    url = await create_database(stores, name, template_database)
+    yield url
+    await drop_database(stores, name)
+
+
+@pytest.fixture
+async def private_database(stores: Stores, template_database: str) -> AsyncIterator[str]:
+    """A database of the test's own, for tests that check global invariants."""
+    name = f"centime_priv_{RUN_ID}_{secrets.token_hex(3)}"
+    url = await create_database(stores, name, template_database)
+    yield url
+    await drop_database(stores, name)
+
+
+async def delete_prefix(redis_url: str, prefix: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        batch = []
+        async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                await client.delete(*batch)
+                batch.clear()
+        if batch:
+            await client.delete(*batch)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture(scope="session")
+async def settings(stores: Stores, database_url: str) -> AsyncIterator[Settings]:
+    prefix = f"t{RUN_ID}"
+    yield msgspec.structs.replace(
+        load_settings({}),
+        database_url=database_url,
+        redis_url=stores.redis_url,
+        redis_prefix=prefix,
+        partition_count=16,
+    )
+    await delete_prefix(stores.redis_url, prefix)
+
+
+def settings_env(settings: Settings, **overrides: str) -> dict[str, str]:
+    """The environment that gives a subprocess these settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CENTIME_")}
+    for field in msgspec.structs.fields(Settings):
+        value = getattr(settings, field.name)
+        if value is not None:
+            env[f"CENTIME_{field.name.upper()}"] = (
+                str(value).lower() if isinstance(value, bool) else str(value)
+            )
+    env.update(overrides)
+    return env
+
+
+class Server(msgspec.Struct):
+    base_url: str
+    process: subprocess.Popen
+    env: dict[str, str]
+    port: int
+
+
+def start_server(settings: Settings, *, port: int | None = None, **env_overrides: str) -> Server:
+    port = port or free_port()
+    env = settings_env(settings, **env_overrides)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "centime", "serve", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=None,
+    )
+    server = Server(f"http://127.0.0.1:{port}", process, env, port)
+    wait_ready(server)
+    return server
+
+
+def wait_ready(server: Server, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server exited with {server.process.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(server.base_url + "/readyz", timeout=1).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError("server did not become ready")
+
+
+def stop_server(server: Server) -> None:
+    if server.process.poll() is None:
+        server.process.terminate()
+        try:
+            server.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+            server.process.wait()
+
+
+@pytest.fixture(scope="session")
+def server(settings: Settings) -> Iterator[Server]:
+    """centime serving over real HTTP, on the run's database and Redis prefix."""
+    running = start_server(settings)
+    yield running
+    stop_server(running)
+
+
+class Keys(msgspec.Struct, frozen=True):
+    admin: str
+    debit: str
+    read: str
+
+
+async def make_keys(database_url: str) -> Keys:
+    conn = await asyncpg.connect(database_url)
+    try:
+        secrets_by_scope = {}
+        for scope in ("admin", "debit", "read"):
+            _, secrets_by_scope[scope] = await create_api_key(conn, f"test-{scope}", scope)
+        return Keys(**secrets_by_scope)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+async def keys(database_url: str) -> Keys:
+    return await make_keys(database_url)
+
+
+@pytest.fixture
+async def client(server: Server) -> AsyncIterator[httpx.AsyncClient]:
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=30, limits=limits) as http:
+        yield http
+
+
+def auth(key: str, idempotency_key: str | None = None) -> dict[str, str]:
+    headers = {"Authorization": f"Bearer {key}"}
+    if idempotency_key is not None:
+        headers["Idempotency-Key"] = idempotency_key
+    return headers
+
+
+async def new_wallet(
+    http: httpx.AsyncClient,
+    keys: Keys,
+    *,
+    funded_micros: int = 0,
+    overdraft_limit_micros: int = 0,
+    currency: str = "usd",
+) -> str:
+    response = await http.post(
+        "/v1/wallets",
+        json={
+            "owner_id": f"owner-{secrets.token_hex(6)}",
+            "currency": currency,
+            "overdraft_limit_micros": overdraft_limit_micros,
+        },
+        headers=auth(keys.admin),
+    )
+    assert response.status_code == 201, response.text
+    wallet_id = response.json()["id"]
+    if funded_micros:
+        response = await http.post(
+            f"/v1/wallets/{wallet_id}/credits",
+            json={"amount_micros": funded_micros, "reason": "test funding"},
+            headers=auth(keys.admin, f"fund-{secrets.token_hex(6)}"),
+        )
+        assert response.status_code == 201, response.text
+    return wallet_id
+
+
+def run_cli(settings: Settings, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "centime", *args],
+        cwd=ROOT,
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )

@@ -1,0 +1,111 @@
+"""HTTP handlers of wallets: decode, one service call, return a struct."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from litestar import Controller, Response, get, post
+from litestar.params import Parameter
+
+from centime.errors import InvalidRequest
+from wallet.schemas import (
+    IDEMPOTENCY_KEY_CHARS_MAX,
+    PAGE_SIZE_DEFAULT,
+    PAGE_SIZE_MAX,
+    CreateCredit,
+    CreateDebit,
+    CreateWallet,
+    Entry,
+    EntryPage,
+    Wallet,
+    WalletList,
+)
+from wallet.service import Wallets, parse_wallet_id
+
+IdempotencyKey = Annotated[
+    str,
+    Parameter(
+        header="Idempotency-Key",
+        min_length=1,
+        max_length=IDEMPOTENCY_KEY_CHARS_MAX,
+        description="Unique per wallet and request; a retry with the same key and body replays the result.",
+    ),
+]
+REPLAYED = {"Idempotent-Replayed": "true"}
+
+
+def _entry_response(entry: Entry, replayed: bool) -> Response[Entry]:
+    return Response(entry, status_code=201, headers=REPLAYED if replayed else None)
+
+
+class WalletController(Controller):
+    path = "/v1/wallets"
+    tags = ["wallets"]
+
+    @post("/", opt={"scope": "admin"}, summary="Create a wallet")
+    async def create_wallet(self, data: CreateWallet, wallets: Wallets) -> Wallet:
+        return await wallets.create_wallet(data)
+
+    @get("/", opt={"scope": "read"}, summary="List an owner's wallets")
+    async def list_wallets(
+        self, wallets: Wallets, owner_id: Annotated[str, Parameter(min_length=1, max_length=128)]
+    ) -> WalletList:
+        return WalletList(data=await wallets.list_wallets(owner_id))
+
+    @get("/{wallet_id:str}", opt={"scope": "read"}, summary="Get a wallet")
+    async def get_wallet(self, wallet_id: str, wallets: Wallets) -> Wallet:
+        return await wallets.get_wallet(parse_wallet_id(wallet_id))
+
+    @post("/{wallet_id:str}/debits", opt={"scope": "debit"}, summary="Debit a wallet", status_code=201)
+    async def create_debit(
+        self, wallet_id: str, data: CreateDebit, wallets: Wallets, idempotency_key: IdempotencyKey
+    ) -> Response[Entry]:
+        entry, replayed = await wallets.post_entry(
+            parse_wallet_id(wallet_id),
+            kind="debit",
+            amount_micros=data.amount_micros,
+            idempotency_key=idempotency_key,
+            description=data.description,
+            metadata=data.metadata,
+        )
+        return _entry_response(entry, replayed)
+
+    @post(
+        "/{wallet_id:str}/credits",
+        opt={"scope": "admin"},
+        summary="Credit a wallet (grants, adjustments)",
+        status_code=201,
+    )
+    async def create_credit(
+        self, wallet_id: str, data: CreateCredit, wallets: Wallets, idempotency_key: IdempotencyKey
+    ) -> Response[Entry]:
+        entry, replayed = await wallets.post_entry(
+            parse_wallet_id(wallet_id),
+            kind="credit",
+            amount_micros=data.amount_micros,
+            idempotency_key=idempotency_key,
+            description=data.reason,
+            metadata=data.metadata,
+        )
+        return _entry_response(entry, replayed)
+
+    @get(
+        "/{wallet_id:str}/entries",
+        opt={"scope": "read"},
+        summary="List a wallet's entries, newest first",
+    )
+    async def list_entries(
+        self,
+        wallet_id: str,
+        wallets: Wallets,
+        limit: Annotated[int, Parameter(ge=1, le=PAGE_SIZE_MAX)] = PAGE_SIZE_DEFAULT,
+        starting_after: str | None = None,
+    ) -> EntryPage:
+        cursor = None
+        if starting_after is not None:
+            try:
+                cursor = uuid.UUID(starting_after)
+            except ValueError:
+                raise InvalidRequest("starting_after: not an entry id", field="starting_after") from None
+        return await wallets.list_entries(parse_wallet_id(wallet_id), limit=limit, starting_after=cursor)

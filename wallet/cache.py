@@ -1,0 +1,192 @@
+"""The Redis side of wallets: key names, partitions, and the Lua scripts.
+
+Every key of a wallet carries its partition as a hash tag (`c:{p17}:...`), so
+each script touches one partition only and runs unchanged on Redis Cluster.
+The partition is a stable hash of the wallet id over a fixed count."""
+
+from __future__ import annotations
+
+import uuid
+import zlib
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+import msgspec
+import redis.asyncio as redis
+from redis.commands.core import AsyncScript
+
+from centime.money import AMOUNT_MICROS_MAX
+
+SCRIPTS = ("apply", "compensate", "abandon", "settle_committed", "settle_reversed", "load_wallet")
+
+
+class CachedWallet(msgspec.Struct, frozen=True):
+    balance_micros: int
+    overdraft_limit_micros: int
+    status: str
+    currency: str
+
+
+class Cache:
+    """Key names and script calls. Holds the client; no other state."""
+
+    def __init__(self, client: redis.Redis, *, prefix: str, partition_count: int) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.partition_count = partition_count
+        self._scripts: dict[str, AsyncScript] = {
+            name: client.register_script(
+                resources.files("wallet").joinpath(f"lua/{name}.lua").read_text(encoding="utf-8")
+            )
+            for name in SCRIPTS
+        }
+
+    # Keys ----------------------------------------------------------------
+
+    def partition(self, wallet_id: uuid.UUID) -> int:
+        return zlib.crc32(wallet_id.bytes) % self.partition_count
+
+    def _tag(self, partition: int) -> str:
+        return f"{self.prefix}:{{p{partition}}}"
+
+    def wallet_key(self, wallet_id: uuid.UUID) -> str:
+        return f"{self._tag(self.partition(wallet_id))}:w:{wallet_id}"
+
+    def idempotency_key(self, wallet_id: uuid.UUID, key: str) -> str:
+        return f"{self._tag(self.partition(wallet_id))}:i:{wallet_id}:{key}"
+
+    def outbox_key(self, partition: int) -> str:
+        return f"{self._tag(partition)}:outbox"
+
+    def abandoned_key(self, partition: int) -> str:
+        return f"{self._tag(partition)}:abandoned"
+
+    # Scripts -------------------------------------------------------------
+
+    async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        return await self._scripts[name](keys=list(keys), args=list(args))
+
+    async def apply(
+        self,
+        *,
+        wallet_id: uuid.UUID,
+        kind: str,
+        amount_micros: int,
+        request_hash: str,
+        entry_id: uuid.UUID,
+        payload: bytes,
+        idempotency_key: str,
+        ttl_s: int,
+    ) -> list[Any]:
+        p = self.partition(wallet_id)
+        return await self._run(
+            "apply",
+            [
+                self.wallet_key(wallet_id),
+                self.idempotency_key(wallet_id, idempotency_key),
+                self.outbox_key(p),
+                self.abandoned_key(p),
+            ],
+            [
+                kind,
+                str(amount_micros),
+                request_hash,
+                str(entry_id),
+                payload,
+                ttl_s,
+                AMOUNT_MICROS_MAX,
+            ],
+        )
+
+    async def compensate(
+        self,
+        *,
+        wallet_id: uuid.UUID,
+        idempotency_key: str,
+        outbox_id: str,
+        delta_micros: int,
+        entry_id: uuid.UUID,
+    ) -> bool:
+        p = self.partition(wallet_id)
+        keys = [
+            self.wallet_key(wallet_id),
+            self.idempotency_key(wallet_id, idempotency_key),
+            self.outbox_key(p),
+        ]
+        return await self._run("compensate", keys, [outbox_id, str(delta_micros), str(entry_id)]) == 1
+
+    async def abandon(
+        self,
+        *,
+        wallet_id: uuid.UUID,
+        idempotency_key: str,
+        entry_id: uuid.UUID,
+        outbox_id: str | None,
+    ) -> bool:
+        p = self.partition(wallet_id)
+        keys = [
+            self.idempotency_key(wallet_id, idempotency_key),
+            self.outbox_key(p),
+            self.abandoned_key(p),
+        ]
+        return await self._run("abandon", keys, [str(entry_id), outbox_id or ""]) == 1
+
+    async def settle_committed(self, outbox_ids: dict[int, list[str]]) -> dict[int, list[bool]]:
+        """Remove committed entries from their partitions' outboxes, in one
+        round trip. Per id: True if this call removed it."""
+        script = self._scripts["settle_committed"]
+        async with self.client.pipeline(transaction=False) as pipe:
+            for partition, ids in outbox_ids.items():
+                await script(keys=[self.outbox_key(partition)], args=ids, client=pipe)
+            replies = await pipe.execute()
+        return {p: [flag == 1 for flag in reply] for p, reply in zip(outbox_ids, replies, strict=True)}
+
+    async def settle_reversed(
+        self, *, wallet_id: uuid.UUID, idempotency_key: str, entry_id: uuid.UUID, delta_micros: int
+    ) -> bool:
+        p = self.partition(wallet_id)
+        keys = [
+            self.wallet_key(wallet_id),
+            self.idempotency_key(wallet_id, idempotency_key),
+            self.abandoned_key(p),
+        ]
+        return await self._run("settle_reversed", keys, [str(entry_id), str(delta_micros)]) == 1
+
+    async def load_wallet(self, wallet_id: uuid.UUID, wallet: CachedWallet, *, overwrite: bool) -> bool:
+        args = [
+            wallet.balance_micros,
+            wallet.overdraft_limit_micros,
+            wallet.status,
+            wallet.currency,
+            "1" if overwrite else "0",
+        ]
+        return await self._run("load_wallet", [self.wallet_key(wallet_id)], args) == 1
+
+    # Reads -----------------------------------------------------------------
+
+    async def wallet(self, wallet_id: uuid.UUID) -> CachedWallet | None:
+        balance, overdraft, status, currency = await self.client.hmget(
+            self.wallet_key(wallet_id), "b", "o", "s", "c"
+        )
+        if balance is None:
+            return None
+        return CachedWallet(int(balance), int(overdraft), status.decode(), currency.decode())
+
+    async def balances(self, wallet_ids: Sequence[uuid.UUID]) -> list[int | None]:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for wallet_id in wallet_ids:
+                pipe.hget(self.wallet_key(wallet_id), "b")
+            values = await pipe.execute()
+        return [None if value is None else int(value) for value in values]
+
+    async def outbox_depth(self) -> int:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for p in range(self.partition_count):
+                pipe.xlen(self.outbox_key(p))
+                pipe.hlen(self.abandoned_key(p))
+            return sum(await pipe.execute())
+
+    async def server_time_ms(self) -> int:
+        seconds, micros = await self.client.time()
+        return seconds * 1000 + micros // 1000

@@ -1,0 +1,47 @@
+"""Errors of the wallet domain, each with its HTTP status and stable code."""
+
+from __future__ import annotations
+
+from centime.errors import CentimeError, Conflict, NotFound
+
+
+class WalletNotFound(NotFound):
+    code = "wallet_not_found"
+    title = "Wallet not found"
+
+
+class WalletExists(Conflict):
+    code = "wallet_exists"
+    title = "Wallet exists"
+
+
+class IdempotencyConflict(Conflict):
+    code = "idempotency_conflict"
+    title = "Idempotency key reused with another request"
+
+
+class RequestInProgress(Conflict):
+    code = "request_in_progress"
+    title = "A request with this idempotency key is in progress"
+
+
+class IdempotencyKeyReversed(Conflict):
+    code = "idempotency_key_reversed"
+    title = "The request with this idempotency key failed and was reversed"
+
+
+class WalletFrozen(Conflict):
+    code = "wallet_frozen"
+    title = "Wallet frozen"
+
+
+class InsufficientFunds(CentimeError):
+    status = 402
+    code = "insufficient_funds"
+    title = "Insufficient funds"
+
+
+class BalanceTooLarge(CentimeError):
+    status = 400
+    code = "invalid_request"
+    title = "Invalid request"

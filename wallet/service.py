@@ -1,0 +1,438 @@
+"""Wallet logic: create and read wallets, and the debit path.
+
+The debit path (docs/architecture.md has the why):
+  1. one Lua script charges Redis atomically and appends the entry to its
+     partition's outbox, keyed by the request's idempotency key;
+  2. the entry joins a group commit into the Postgres ledger;
+  3. the answer is sent only after the commit. Every failure settles the
+     charge: definitely not written -> refund now (compensate); unknown ->
+     hand to the sweeper (abandon), which writes entry and reversal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import asyncpg
+import msgspec
+import redis.exceptions
+
+from centime.errors import InvalidRequest, Unavailable, invariant
+from centime.money import AMOUNT_MICROS_MAX, is_supported_currency
+from centime.settings import Settings
+from ledger import repo as ledger_repo
+from ledger.accounts import credit_lines, debit_lines
+from ledger.ids import uuid7
+from ledger.schemas import EntryRecord
+from ledger.writer import CommitFailed, Committed, KeyTaken, LedgerWriter, Outcome, QueueFull
+from wallet import repo
+from wallet.cache import Cache, CachedWallet
+from wallet.errors import (
+    BalanceTooLarge,
+    IdempotencyConflict,
+    IdempotencyKeyReversed,
+    InsufficientFunds,
+    RequestInProgress,
+    WalletExists,
+    WalletFrozen,
+    WalletNotFound,
+)
+from wallet.schemas import (
+    PAGE_SIZE_MAX,
+    WALLETS_PER_OWNER_MAX,
+    CreateWallet,
+    Entry,
+    EntryPage,
+    EntryPayload,
+    Wallet,
+)
+
+log = logging.getLogger(__name__)
+
+SETTLE_WAIT_S = 5.0
+"""After a lost race to abandon, how long to wait for the winner's answer."""
+
+_payload_encoder = msgspec.json.Encoder(order="sorted")
+_payload_decoder = msgspec.json.Decoder(EntryPayload)
+_hash_encoder = msgspec.json.Encoder(order="sorted")
+
+STORAGE_ERRORS = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    redis.exceptions.RedisError,
+)
+
+
+class LostRace(msgspec.Struct, frozen=True):
+    """Committed, but the outbox entry was already gone: it was abandoned
+    (its client got 503) and the sweeper will reverse it."""
+
+    entry_id: uuid.UUID
+
+
+class Charge(msgspec.Struct, frozen=True):
+    """What the service needs to settle a charge made in Redis."""
+
+    entry: EntryRecord
+    outbox_id: str
+
+
+def request_hash(kind: str, amount_micros: int, description: str | None, metadata: dict[str, str]) -> str:
+    body = _hash_encoder.encode([kind, amount_micros, description, metadata])
+    return hashlib.sha256(body).hexdigest()[:32]
+
+
+def parse_wallet_id(raw: str) -> uuid.UUID:
+    """A path id that is not a UUID names no wallet: 404, like any unknown id."""
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise WalletNotFound(f"no wallet {raw!r}") from None
+
+
+def to_entry(record: EntryRecord) -> Entry:
+    return Entry(
+        id=record.id,
+        wallet_id=record.wallet_id,
+        kind=record.kind,
+        amount_micros=record.amount_micros,
+        currency=record.currency,
+        balance_micros=record.balance_micros,
+        idempotency_key=record.idempotency_key,
+        description=record.description,
+        metadata=record.metadata,
+        reverses_entry_id=record.reverses_entry_id,
+        created_at=record.created_at,
+    )
+
+
+def record_from_payload(payload: EntryPayload, *, balance_micros: int, currency: str) -> EntryRecord:
+    lines = (debit_lines if payload.kind == "debit" else credit_lines)(
+        payload.wallet_id, currency, payload.amount_micros
+    )
+    return EntryRecord(
+        id=payload.id,
+        kind=payload.kind,
+        currency=currency,
+        wallet_id=payload.wallet_id,
+        amount_micros=payload.amount_micros,
+        balance_micros=balance_micros,
+        idempotency_key=payload.idempotency_key,
+        request_hash=payload.request_hash,
+        description=payload.description,
+        metadata=payload.metadata,
+        created_at=payload.created_at,
+        lines=lines,
+    )
+
+
+def decode_payload(raw: bytes | str) -> EntryPayload:
+    return _payload_decoder.decode(raw)
+
+
+def undo_delta(entry: EntryRecord) -> int:
+    """The balance change that undoes this entry's charge in Redis."""
+    return entry.amount_micros if entry.kind == "debit" else -entry.amount_micros
+
+
+class Wallets:
+    """The wallet service. Holds its connections, given explicitly."""
+
+    def __init__(self, *, pool: asyncpg.Pool, cache: Cache, writer: LedgerWriter, settings: Settings) -> None:
+        self.pool = pool
+        self.cache = cache
+        self.writer = writer
+        self.settings = settings
+        self._commit_timeout_s = settings.commit_timeout_ms / 1000
+        self._outbox_ids: dict[uuid.UUID, str] = {}
+
+    # Wallets ---------------------------------------------------------------
+
+    async def create_wallet(self, request: CreateWallet) -> Wallet:
+        if not is_supported_currency(request.currency):
+            raise InvalidRequest(
+                f"currency: {request.currency!r} is not a supported ISO 4217 code", field="currency"
+            )
+        wallet_id = uuid7()
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await repo.insert_wallet(
+                conn, wallet_id, request.owner_id, request.currency, request.overdraft_limit_micros
+            )
+            if row is None:
+                raise WalletExists(f"owner {request.owner_id!r} already has a {request.currency} wallet")
+            await ledger_repo.ensure_system_accounts(conn, request.currency)
+            await ledger_repo.insert_wallet_account(conn, wallet_id, request.currency)
+        cached = CachedWallet(0, row.overdraft_limit_micros, row.status, row.currency)
+        await self.cache.load_wallet(wallet_id, cached, overwrite=False)
+        return _wallet(row, 0)
+
+    async def get_wallet(self, wallet_id: uuid.UUID) -> Wallet:
+        async with self.pool.acquire() as conn:
+            row = await repo.wallet_by_id(conn, wallet_id)
+            if row is None:
+                raise WalletNotFound(f"no wallet {wallet_id}")
+            cached = await self._cached_or_load(conn, row)
+        return _wallet(row, cached.balance_micros)
+
+    async def list_wallets(self, owner_id: str) -> list[Wallet]:
+        async with self.pool.acquire() as conn:
+            rows = await repo.wallets_by_owner(conn, owner_id, WALLETS_PER_OWNER_MAX)
+            return [_wallet(row, (await self._cached_or_load(conn, row)).balance_micros) for row in rows]
+
+    async def _cached_or_load(self, conn: asyncpg.Connection, row: repo.WalletRow) -> CachedWallet:
+        cached = await self.cache.wallet(row.id)
+        if cached is not None:
+            return cached
+        balance = await ledger_repo.account_balance(conn, row.id)
+        cached = CachedWallet(balance, row.overdraft_limit_micros, row.status, row.currency)
+        await self.cache.load_wallet(row.id, cached, overwrite=False)
+        log.warning("wallet %s was missing from Redis; loaded balance %d from the ledger", row.id, balance)
+        return await self.cache.wallet(row.id) or cached
+
+    async def list_entries(
+        self, wallet_id: uuid.UUID, *, limit: int, starting_after: uuid.UUID | None
+    ) -> EntryPage:
+        invariant(1 <= limit <= PAGE_SIZE_MAX, f"limit {limit} outside 1..{PAGE_SIZE_MAX}")
+        async with self.pool.acquire() as conn:
+            if await repo.wallet_by_id(conn, wallet_id) is None:
+                raise WalletNotFound(f"no wallet {wallet_id}")
+            records = await ledger_repo.wallet_entries_page(conn, wallet_id, starting_after, limit + 1)
+        return EntryPage(data=[to_entry(r) for r in records[:limit]], has_more=len(records) > limit)
+
+    # The debit path --------------------------------------------------------
+
+    async def post_entry(
+        self,
+        wallet_id: uuid.UUID,
+        *,
+        kind: str,
+        amount_micros: int,
+        idempotency_key: str,
+        description: str | None,
+        metadata: dict[str, str],
+    ) -> tuple[Entry, bool]:
+        """Debit or credit a wallet. Returns the entry and whether it is a replay."""
+        payload = EntryPayload(
+            id=uuid7(),
+            wallet_id=wallet_id,
+            kind=kind,  # type: ignore[arg-type]
+            amount_micros=amount_micros,
+            idempotency_key=idempotency_key,
+            request_hash=request_hash(kind, amount_micros, description, metadata),
+            description=description,
+            metadata=metadata,
+            created_at=datetime.now(UTC),
+        )
+        charge_or_replay = await self._charge(payload)
+        if isinstance(charge_or_replay, Entry):
+            return charge_or_replay, True
+        return await self._write_through(charge_or_replay, payload)
+
+    async def _charge(self, payload: EntryPayload) -> Charge | Entry:
+        encoded = _payload_encoder.encode(payload)
+        for _attempt in range(2):  # the second only after loading a wallet missing from Redis
+            try:
+                result = await self.cache.apply(
+                    wallet_id=payload.wallet_id,
+                    kind=payload.kind,
+                    amount_micros=payload.amount_micros,
+                    request_hash=payload.request_hash,
+                    entry_id=payload.id,
+                    payload=encoded,
+                    idempotency_key=payload.idempotency_key,
+                    ttl_s=self.settings.idempotency_ttl_s,
+                )
+            except redis.exceptions.RedisError as exc:
+                # The script may have run. Hand the entry to the sweeper, in
+                # the background and bounded, so a 503 never leaves a charge.
+                asyncio.get_running_loop().create_task(self._abandon_later(payload))
+                raise Unavailable("the balance store did not answer; nothing was charged") from exc
+            status = result[0].decode()
+            if status == "ok":
+                balance = int(result[1])
+                currency = result[3].decode()
+                return Charge(
+                    record_from_payload(payload, balance_micros=balance, currency=currency),
+                    result[2].decode(),
+                )
+            if status == "missing":
+                await self._load_missing(payload.wallet_id)
+                continue
+            return self._refusal(status, result, payload)
+        raise Unavailable(f"wallet {payload.wallet_id} could not be loaded into the balance store")
+
+    def _refusal(self, status: str, result: list, payload: EntryPayload) -> Entry:
+        if status == "replay":
+            original = decode_payload(result[2])
+            currency = result[3].decode()
+            return to_entry(record_from_payload(original, balance_micros=int(result[1]), currency=currency))
+        if status == "insufficient":
+            balance = int(result[1])
+            raise InsufficientFunds(
+                f"balance {balance} micros cannot cover {payload.amount_micros} micros",
+                balance_micros=balance,
+            )
+        if status == "frozen":
+            raise WalletFrozen(f"wallet {payload.wallet_id} is frozen", balance_micros=int(result[1]))
+        if status == "too_large":
+            raise BalanceTooLarge(
+                f"amount_micros: the balance would exceed {AMOUNT_MICROS_MAX} micros",
+                field="amount_micros",
+            )
+        if status == "conflict":
+            raise IdempotencyConflict(
+                f"idempotency key {payload.idempotency_key!r} was used with another request"
+            )
+        if status == "in_progress":
+            raise RequestInProgress(
+                f"a request with idempotency key {payload.idempotency_key!r} is still in progress; retry later"
+            )
+        if status == "reversed":
+            raise IdempotencyKeyReversed(
+                f"the request with idempotency key {payload.idempotency_key!r} failed and was reversed; "
+                "nothing is charged; retry with a new key"
+            )
+        raise Unavailable(f"unexpected answer {status!r} from the balance store")
+
+    async def _load_missing(self, wallet_id: uuid.UUID) -> None:
+        async with self.pool.acquire() as conn:
+            row = await repo.wallet_by_id(conn, wallet_id)
+            if row is None:
+                raise WalletNotFound(f"no wallet {wallet_id}")
+            await self._cached_or_load(conn, row)
+
+    async def _write_through(self, charge: Charge, payload: EntryPayload) -> tuple[Entry, bool]:
+        entry = charge.entry
+        try:
+            self._outbox_ids[entry.id] = charge.outbox_id
+            future = self.writer.submit(entry)
+        except QueueFull as exc:
+            self._outbox_ids.pop(entry.id, None)
+            await self._compensate(charge)
+            raise Unavailable("the ledger is overloaded; nothing was charged") from exc
+        try:
+            outcome = await asyncio.wait_for(asyncio.shield(future), self._commit_timeout_s)
+        except TimeoutError:
+            outcome = await self._abandon_or_wait(charge, future)
+        except CommitFailed as exc:
+            if exc.definite:
+                await self._compensate(charge)
+            else:
+                await self._abandon(charge)
+            raise Unavailable("the ledger did not commit the entry; nothing was charged") from exc
+        finally:
+            self._outbox_ids.pop(entry.id, None)
+        if isinstance(outcome, Committed):
+            return to_entry(entry), False
+        if isinstance(outcome, KeyTaken):
+            # Redis had lost this key (expired or flushed); the ledger kept it.
+            await self._compensate(charge)
+            holder = outcome.holder
+            if holder.reversed_by is not None:
+                self._refusal("reversed", [], payload)
+            if holder.entry.request_hash != payload.request_hash:
+                self._refusal("conflict", [], payload)
+            return to_entry(holder.entry), True
+        log.error("entry %s committed after its request was abandoned; the sweeper reverses it", entry.id)
+        raise Unavailable("the ledger did not commit the entry in time; nothing was charged")
+
+    async def _abandon_or_wait(self, charge: Charge, future: asyncio.Future[object]) -> object:
+        """The commit is late: answer 503 unless it has just won the race."""
+        if await self._abandon(charge):
+            raise Unavailable("the ledger did not commit the entry in time; nothing was charged")
+        try:
+            return await asyncio.wait_for(future, SETTLE_WAIT_S)
+        except (TimeoutError, CommitFailed) as exc:
+            log.error(
+                "entry %s: lost the race to abandon, and no outcome arrived: %r",
+                charge.entry.id,
+                exc,
+            )
+            raise Unavailable("the ledger did not commit the entry in time") from exc
+
+    async def _compensate(self, charge: Charge) -> None:
+        entry = charge.entry
+        try:
+            await self.cache.compensate(
+                wallet_id=entry.wallet_id,
+                idempotency_key=entry.idempotency_key or "",
+                outbox_id=charge.outbox_id,
+                delta_micros=undo_delta(entry),
+                entry_id=entry.id,
+            )
+        except redis.exceptions.RedisError:
+            log.exception("entry %s: refund failed; the sweeper settles it after the grace period", entry.id)
+
+    async def _abandon(self, charge: Charge) -> bool:
+        entry = charge.entry
+        try:
+            return await self.cache.abandon(
+                wallet_id=entry.wallet_id,
+                idempotency_key=entry.idempotency_key or "",
+                entry_id=entry.id,
+                outbox_id=charge.outbox_id,
+            )
+        except redis.exceptions.RedisError:
+            log.exception("entry %s: could not hand it to the sweeper", entry.id)
+            return True
+
+    async def _abandon_later(self, payload: EntryPayload) -> None:
+        """After a Redis error on the charge itself: keep trying to abandon the
+        entry, if the script ran, for half the sweeper's grace period."""
+        deadline = asyncio.get_running_loop().time() + self.settings.sweeper_grace_ms / 2000
+        delay_s = 0.05
+        while asyncio.get_running_loop().time() < deadline:
+            try:
+                await self.cache.abandon(
+                    wallet_id=payload.wallet_id,
+                    idempotency_key=payload.idempotency_key,
+                    entry_id=payload.id,
+                    outbox_id=None,
+                )
+                return
+            except redis.exceptions.RedisError:
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 1.0)
+        log.error(
+            "entry %s: Redis stayed unreachable; if it was charged, the sweeper commits it",
+            payload.id,
+        )
+
+    async def after_commit(self, entries: Sequence[EntryRecord], outcomes: list[Outcome]) -> list[object]:
+        """Group-commit hook: remove committed entries from their outboxes, one
+        script call per partition. An entry already gone was abandoned first."""
+        by_partition: dict[int, list[int]] = defaultdict(list)
+        for index, (entry, outcome) in enumerate(zip(entries, outcomes, strict=True)):
+            if isinstance(outcome, Committed) and entry.id in self._outbox_ids:
+                by_partition[self.cache.partition(entry.wallet_id)].append(index)
+        results: list[object] = list(outcomes)
+        if not by_partition:
+            return results
+        removed = await self.cache.settle_committed(
+            {p: [self._outbox_ids[entries[i].id] for i in indexes] for p, indexes in by_partition.items()}
+        )
+        for partition, indexes in by_partition.items():
+            for i, was_removed in zip(indexes, removed[partition], strict=True):
+                if not was_removed:
+                    results[i] = LostRace(entries[i].id)
+        return results
+
+
+def _wallet(row: repo.WalletRow, balance_micros: int) -> Wallet:
+    return Wallet(
+        id=row.id,
+        owner_id=row.owner_id,
+        currency=row.currency,
+        balance_micros=balance_micros,
+        overdraft_limit_micros=row.overdraft_limit_micros,
+        status=row.status,  # type: ignore[arg-type]
+        created_at=row.created_at,
+    )

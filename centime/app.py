@@ -22,6 +22,7 @@ from litestar.exceptions import (
 )
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -86,6 +87,29 @@ def _http_error(_: Request, exc: HTTPException) -> Response[dict[str, Any]]:
 def _internal_error(_: Request, exc: Exception) -> Response[dict[str, Any]]:
     log.error("unhandled error", exc_info=exc)
     return problem(500, "internal_error", "Internal error", "an internal error occurred; it was logged")
+
+
+def count_requests(app: ASGIApp) -> ASGIApp:
+    """ASGI middleware: count answered requests by method and status."""
+    counters: dict[tuple[str, int], Any] = {}
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                label = (scope["method"], message["status"])
+                counter = counters.get(label)
+                if counter is None:
+                    counter = counters[label] = metrics.requests_total.labels(label[0], str(label[1]))
+                counter.inc()
+            await send(message)
+
+        await app(scope, receive, counting_send)
+
+    return middleware
 
 
 async def _wallets(state: State) -> Wallets:
@@ -195,6 +219,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         route_handlers=[WalletController, healthz, readyz, metrics_endpoint],
         lifespan=[lifespan],
         guards=[require_scope],
+        middleware=[count_requests],
         dependencies={"wallets": Provide(_wallets)},
         exception_handlers={
             CentimeError: _centime_error,

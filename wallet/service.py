@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ import asyncpg
 import msgspec
 import redis.exceptions
 
+from centime import metrics
 from centime.errors import InvalidRequest, Unavailable, invariant
 from centime.money import AMOUNT_MICROS_MAX, is_supported_currency
 from centime.settings import Settings
@@ -220,6 +222,23 @@ class Wallets:
         metadata: dict[str, str],
     ) -> tuple[Entry, bool]:
         """Debit or credit a wallet. Returns the entry and whether it is a replay."""
+        started = time.perf_counter()
+        try:
+            return await self._post_entry(
+                wallet_id, kind, amount_micros, idempotency_key, description, metadata
+            )
+        finally:
+            metrics.debit_latency_seconds.observe(time.perf_counter() - started)
+
+    async def _post_entry(
+        self,
+        wallet_id: uuid.UUID,
+        kind: str,
+        amount_micros: int,
+        idempotency_key: str,
+        description: str | None,
+        metadata: dict[str, str],
+    ) -> tuple[Entry, bool]:
         payload = EntryPayload(
             id=uuid7(),
             wallet_id=wallet_id,

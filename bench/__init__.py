@@ -1,0 +1,1 @@
+"""Load benchmarks. Nothing in centime imports this package."""

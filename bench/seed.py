@@ -27,7 +27,9 @@ async def seed(url: str, key: str, wallets: int, fund_micros: int) -> list[str]:
 
     async def one(http: httpx.AsyncClient, n: int) -> None:
         async with gate:
-            r = await http.post("/v1/wallets", json={"owner_id": f"bench-{run}-{n}", "currency": "usd"}, headers=headers)
+            r = await http.post(
+                "/v1/wallets", json={"owner_id": f"bench-{run}-{n}", "currency": "usd"}, headers=headers
+            )
             r.raise_for_status()
             wallet_id = r.json()["id"]
             r = await http.post(

@@ -71,4 +71,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             msgspec.convert({field: value}, Settings, strict=False)
         except msgspec.ValidationError as exc:
             raise SettingsError(f"{_env_name(field)}={value!r} is invalid: {exc}") from None
-    return msgspec.convert(raw, Settings, strict=False)
+    settings = msgspec.convert(raw, Settings, strict=False)
+    # Until a request has settled or abandoned its charge, the charge is the
+    # request's; the sweeper must not take it before then.
+    request_window_ms = settings.commit_timeout_ms + settings.redis_timeout_ms
+    if settings.sweeper_grace_ms < 2 * request_window_ms:
+        raise SettingsError(
+            f"{_env_name('sweeper_grace_ms')}={settings.sweeper_grace_ms} must be at least twice "
+            f"{_env_name('commit_timeout_ms')} + {_env_name('redis_timeout_ms')} ({2 * request_window_ms})"
+        )
+    return settings

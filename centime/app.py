@@ -57,15 +57,27 @@ def problem(status: int, code: str, title: str, detail: str, **extra: Any) -> Re
 def _centime_error(_: Request, exc: CentimeError) -> Response[dict[str, Any]]:
     if exc.status >= 500:
         log.warning("%s: %s", exc.code, exc.detail, exc_info=exc.__cause__ is not None)
-    return problem(exc.status, exc.code, exc.title, exc.detail, **exc.extra)
+    response = problem(exc.status, exc.code, exc.title, exc.detail, **exc.extra)
+    if exc.status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="centime"'
+    return response
+
+
+def _field_name(error: dict[str, Any]) -> str:
+    """The name a client knows: a header's own name, not the argument's."""
+    key = str(error.get("key") or "body")
+    if error.get("source") == "header":
+        return "-".join(part.capitalize() for part in key.split("_"))
+    return "body" if key == "data" else key
 
 
 def _validation_error(_: Request, exc: ValidationException) -> Response[dict[str, Any]]:
-    errors = exc.extra if isinstance(exc.extra, list) else []
-    fields = [str(e.get("key") or "") for e in errors if isinstance(e, dict)]
-    messages = [f"{e.get('key') or 'body'}: {e.get('message')}" for e in errors if isinstance(e, dict)]
-    detail = "; ".join(messages) or exc.detail
-    return problem(400, "invalid_request", "Invalid request", detail, fields=[f for f in fields if f])
+    errors = [e for e in exc.extra if isinstance(e, dict)] if isinstance(exc.extra, list) else []
+    fields = [_field_name(e) for e in errors]
+    detail = (
+        "; ".join(f"{name}: {e.get('message')}" for name, e in zip(fields, errors, strict=True)) or exc.detail
+    )
+    return problem(400, "invalid_request", "Invalid request", detail, fields=fields)
 
 
 _HTTP_CODES = {
@@ -82,6 +94,24 @@ _HTTP_CODES = {
 def _http_error(_: Request, exc: HTTPException) -> Response[dict[str, Any]]:
     code = _HTTP_CODES.get(exc.status_code, "http_error" if exc.status_code < 500 else "internal_error")
     return problem(exc.status_code, code, code.replace("_", " ").capitalize(), exc.detail)
+
+
+STORAGE_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    redis.RedisError,
+)
+
+
+def _storage_error(_: Request, exc: Exception) -> Response[dict[str, Any]]:
+    """Postgres or Redis did not answer a read or a wallet creation. (The
+    debit path settles its own storage errors before answering.)"""
+    log.warning("storage unavailable: %r", exc)
+    return problem(
+        503, "unavailable", "Service unavailable", "storage did not answer in time; nothing was charged"
+    )
 
 
 def _internal_error(_: Request, exc: Exception) -> Response[dict[str, Any]]:
@@ -227,6 +257,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             NotAuthorizedException: _http_error,
             PermissionDeniedException: _http_error,
             HTTPException: _http_error,
+            **dict.fromkeys(STORAGE_ERRORS, _storage_error),
             Exception: _internal_error,
         },
         openapi_config=OpenAPIConfig(

@@ -9,6 +9,7 @@ from litestar import Controller, Response, get, post
 from litestar.params import Parameter
 
 from centime.errors import InvalidRequest
+from centime.wire import decode_body, json_body
 from wallet.schemas import (
     IDEMPOTENCY_KEY_CHARS_MAX,
     PAGE_SIZE_DEFAULT,
@@ -43,9 +44,9 @@ class WalletController(Controller):
     path = "/v1/wallets"
     tags = ["wallets"]
 
-    @post("/", opt={"scope": "admin"}, summary="Create a wallet")
-    async def create_wallet(self, data: CreateWallet, wallets: Wallets) -> Wallet:
-        return await wallets.create_wallet(data)
+    @post("/", opt={"scope": "admin"}, summary="Create a wallet", operation_class=json_body(CreateWallet))
+    async def create_wallet(self, body: bytes, wallets: Wallets) -> Wallet:
+        return await wallets.create_wallet(decode_body(body, CreateWallet))
 
     @get("/", opt={"scope": "read"}, summary="List an owner's wallets")
     async def list_wallets(
@@ -57,10 +58,17 @@ class WalletController(Controller):
     async def get_wallet(self, wallet_id: str, wallets: Wallets) -> Wallet:
         return await wallets.get_wallet(parse_wallet_id(wallet_id))
 
-    @post("/{wallet_id:str}/debits", opt={"scope": "debit"}, summary="Debit a wallet", status_code=201)
+    @post(
+        "/{wallet_id:str}/debits",
+        opt={"scope": "debit"},
+        summary="Debit a wallet",
+        status_code=201,
+        operation_class=json_body(CreateDebit),
+    )
     async def create_debit(
-        self, wallet_id: str, data: CreateDebit, wallets: Wallets, idempotency_key: IdempotencyKey
+        self, wallet_id: str, body: bytes, wallets: Wallets, idempotency_key: IdempotencyKey
     ) -> Response[Entry]:
+        data = decode_body(body, CreateDebit)
         entry, replayed = await wallets.post_entry(
             parse_wallet_id(wallet_id),
             kind="debit",
@@ -76,10 +84,12 @@ class WalletController(Controller):
         opt={"scope": "admin"},
         summary="Credit a wallet (grants, adjustments)",
         status_code=201,
+        operation_class=json_body(CreateCredit),
     )
     async def create_credit(
-        self, wallet_id: str, data: CreateCredit, wallets: Wallets, idempotency_key: IdempotencyKey
+        self, wallet_id: str, body: bytes, wallets: Wallets, idempotency_key: IdempotencyKey
     ) -> Response[Entry]:
+        data = decode_body(body, CreateCredit)
         entry, replayed = await wallets.post_entry(
             parse_wallet_id(wallet_id),
             kind="credit",
@@ -107,5 +117,5 @@ class WalletController(Controller):
             try:
                 cursor = uuid.UUID(starting_after)
             except ValueError:
-                raise InvalidRequest("starting_after: not an entry id", field="starting_after") from None
+                raise InvalidRequest("starting_after: not an entry id", fields=["starting_after"]) from None
         return await wallets.list_entries(parse_wallet_id(wallet_id), limit=limit, starting_after=cursor)

@@ -64,14 +64,6 @@ _payload_encoder = msgspec.json.Encoder(order="sorted")
 _payload_decoder = msgspec.json.Decoder(EntryPayload)
 _hash_encoder = msgspec.json.Encoder(order="sorted")
 
-STORAGE_ERRORS = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    redis.exceptions.RedisError,
-)
-
 
 class LostRace(msgspec.Struct, frozen=True):
     """Committed, but the outbox entry was already gone: it was abandoned
@@ -161,7 +153,7 @@ class Wallets:
     async def create_wallet(self, request: CreateWallet) -> Wallet:
         if not is_supported_currency(request.currency):
             raise InvalidRequest(
-                f"currency: {request.currency!r} is not a supported ISO 4217 code", field="currency"
+                f"currency: {request.currency!r} is not a supported ISO 4217 code", fields=["currency"]
             )
         wallet_id = uuid7()
         async with self.pool.acquire() as conn, conn.transaction():
@@ -173,7 +165,10 @@ class Wallets:
             await ledger_repo.ensure_system_accounts(conn, request.currency)
             await ledger_repo.insert_wallet_account(conn, wallet_id, request.currency)
         cached = CachedWallet(0, row.overdraft_limit_micros, row.status, row.currency)
-        await self.cache.load_wallet(wallet_id, cached, overwrite=False)
+        try:
+            await self.cache.load_wallet(wallet_id, cached, overwrite=False)
+        except redis.exceptions.RedisError as exc:  # loaded from the ledger on first use
+            log.warning("wallet %s created; Redis load deferred: %r", wallet_id, exc)
         return _wallet(row, 0)
 
     async def get_wallet(self, wallet_id: uuid.UUID) -> Wallet:
@@ -304,7 +299,7 @@ class Wallets:
         if status == "too_large":
             raise BalanceTooLarge(
                 f"amount_micros: the balance would exceed {AMOUNT_MICROS_MAX} micros",
-                field="amount_micros",
+                fields=["amount_micros"],
             )
         if status == "conflict":
             raise IdempotencyConflict(

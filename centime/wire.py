@@ -1,0 +1,93 @@
+"""Strict JSON request bodies, and their OpenAPI description.
+
+Litestar converts `data:` arguments leniently ("1" and 1.0 become 1). Money
+must not be guessed at, so request bodies are decoded here, strictly, by
+decoders built once per struct. A failure names the offending field."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import msgspec
+from litestar.openapi.spec import OpenAPIMediaType, Operation, RequestBody, Schema
+
+from centime.errors import InvalidRequest
+
+T = TypeVar("T")
+_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
+_UNKNOWN = re.compile(r"unknown field `([^`]*)`")
+_decoders: dict[type, msgspec.json.Decoder] = {}
+
+
+def decode_body(body: bytes, struct: type[T]) -> T:
+    decoder = _decoders.get(struct)
+    if decoder is None:
+        decoder = _decoders[struct] = msgspec.json.Decoder(struct)
+    if not body.strip():
+        raise InvalidRequest("body: empty; send a JSON object", fields=["body"])
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        unknown = _UNKNOWN.search(message)
+        path = _PATH.search(message)
+        field = unknown[1] if unknown else (path[1] if path and path[1] else "body")
+        reason = _PATH.sub("", message)
+        top_level = re.split(r"[.\[]", field, maxsplit=1)[0]
+        raise InvalidRequest(f"{field}: {reason}", fields=[top_level]) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"body: malformed JSON ({exc})", fields=["body"]) from None
+
+
+def _openapi_schema(struct: type) -> Schema:
+    (_, schema_by_name) = msgspec.json.schema_components([struct], ref_template="#/components/schemas/{name}")
+    definition: dict[str, Any] = schema_by_name[struct.__name__]
+    properties = {
+        name: Schema(**{k: v for k, v in _schema_fields(spec).items()})
+        for name, spec in definition["properties"].items()
+    }
+    return Schema(
+        type="object",
+        title=definition.get("title"),
+        properties=properties,
+        required=definition.get("required", []),
+        additional_properties=False,
+    )
+
+
+def _schema_fields(spec: dict[str, Any]) -> dict[str, Any]:
+    """Map a JSON-schema property to litestar Schema keyword arguments."""
+    mapping = {
+        "type": "type",
+        "minimum": "minimum",
+        "maximum": "maximum",
+        "minLength": "min_length",
+        "maxLength": "max_length",
+        "pattern": "pattern",
+        "description": "description",
+        "maxProperties": "max_properties",
+        "default": "default",
+        "examples": "examples",
+    }
+    fields = {mapping[k]: v for k, v in spec.items() if k in mapping}
+    if "anyOf" in spec:
+        fields["one_of"] = [Schema(**_schema_fields(option)) for option in spec["anyOf"]]
+    if "additionalProperties" in spec and isinstance(spec["additionalProperties"], dict):
+        fields["additional_properties"] = Schema(**_schema_fields(spec["additionalProperties"]))
+    return fields
+
+
+def json_body(struct: type) -> type[Operation]:
+    """An OpenAPI operation class documenting `struct` as the JSON body."""
+    body = RequestBody(
+        content={"application/json": OpenAPIMediaType(schema=_openapi_schema(struct))}, required=True
+    )
+
+    @dataclass
+    class WithJsonBody(Operation):
+        def __post_init__(self) -> None:
+            self.request_body = body
+
+    return WithJsonBody

@@ -34,7 +34,7 @@ def decode_body(body: bytes, struct: type[T]) -> T:
         unknown = _UNKNOWN.search(message)
         path = _PATH.search(message)
         field = unknown[1] if unknown else (path[1] if path and path[1] else "body")
-        reason = _PATH.sub("", message)
+        reason = _PATH.sub("", message).replace("matching regex '^[^\\\\x00]*$'", "without NUL characters")
         top_level = re.split(r"[.\[]", field, maxsplit=1)[0]
         raise InvalidRequest(f"{field}: {reason}", fields=[top_level]) from None
     except msgspec.DecodeError as exc:

@@ -150,49 +150,68 @@ class LedgerWriter:
 
     async def _work(self) -> None:
         conn: asyncpg.Connection | None = None
+        batch: list[tuple[EntryRecord, asyncio.Future[object]]] = []
         try:
             while True:
                 batch = await self._next_batch()
-                entries = [entry for entry, _ in batch]
                 if conn is None or conn.is_closed():
                     try:
                         conn = await asyncio.wait_for(self._connect(), self._timeout_s)
                     except Exception as exc:  # nothing was sent: definite
                         conn = None
-                        _fail(
-                            batch,
-                            CommitFailed(f"cannot connect to Postgres: {exc!r}", definite=True),
-                        )
+                        _fail(batch, CommitFailed(f"cannot connect to Postgres: {exc!r}", definite=True))
                         continue
-                try:
-                    outcomes = await write_entries(conn, entries, timeout_s=self._timeout_s)
-                except Exception as exc:
-                    definite = exc.definite if isinstance(exc, CommitFailed) else is_definite_failure(exc)
-                    if not definite:
-                        conn.terminate()
-                        conn = None
-                    log.warning(
-                        "ledger write of %d entries failed (%s): %r",
-                        len(batch),
-                        "definite" if definite else "uncertain",
-                        exc,
-                    )
-                    _fail(batch, CommitFailed(repr(exc), definite=definite))
-                    continue
-                if self._observe_batch is not None:
-                    self._observe_batch(len(batch))
-                results: list[object] = list(outcomes)
-                if self._after_commit is not None:
-                    try:
-                        results = await self._after_commit(entries, outcomes)
-                    except Exception:
-                        log.exception("after-commit hook failed; the entries are committed")
-                for (_, future), result in zip(batch, results, strict=True):
-                    if not future.done():
-                        future.set_result(result)
+                conn = await self._write(conn, batch)
+                batch = []
+        except asyncio.CancelledError:
+            # Stopped mid-write: the statement may have gone out.
+            _fail(batch, CommitFailed("the ledger writer stopped during the write", definite=False))
+            raise
         finally:
             if conn is not None:
                 conn.terminate()
+
+    async def _write(
+        self, conn: asyncpg.Connection, batch: list[tuple[EntryRecord, asyncio.Future[object]]]
+    ) -> asyncpg.Connection | None:
+        """Write one batch and settle its futures. Returns the connection, or
+        None when it can no longer be trusted."""
+        entries = [entry for entry, _ in batch]
+        try:
+            outcomes = await write_entries(conn, entries, timeout_s=self._timeout_s)
+        except Exception as exc:
+            definite = exc.definite if isinstance(exc, CommitFailed) else is_definite_failure(exc)
+            if not definite:
+                log.warning("ledger write of %d entries failed (uncertain): %r", len(batch), exc)
+                conn.terminate()
+                _fail(batch, CommitFailed(repr(exc), definite=False))
+                return None
+            if len(batch) > 1:
+                # One refused entry must not fail its batch mates: write each alone.
+                for item in batch:
+                    conn = await self._write(conn, [item]) if conn is not None else None
+                    if conn is None:
+                        _fail(
+                            batch,
+                            CommitFailed("connection lost while isolating a refused entry", definite=True),
+                        )
+                        return None
+                return conn
+            log.warning("ledger refused entry %s: %r", entries[0].id, exc)
+            _fail(batch, CommitFailed(repr(exc), definite=True))
+            return conn
+        if self._observe_batch is not None:
+            self._observe_batch(len(batch))
+        results: list[object] = list(outcomes)
+        if self._after_commit is not None:
+            try:
+                results = await self._after_commit(entries, outcomes)
+            except Exception:
+                log.exception("after-commit hook failed; the entries are committed")
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+        return conn
 
 
 def _fail(batch: Sequence[tuple[EntryRecord, asyncio.Future[object]]], exc: CommitFailed) -> None:

@@ -98,7 +98,18 @@ $$;
 CREATE FUNCTION ledger_check_new_lines() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     problem text := ledger_unbalanced(ARRAY(SELECT DISTINCT entry_id FROM new_lines));
+    old_entry uuid;
 BEGIN
+    -- Lines belong to an entry written in this transaction: a committed
+    -- entry never changes, not even by balanced additions.
+    SELECT e.id INTO old_entry
+      FROM journal_entries e
+     WHERE e.id IN (SELECT entry_id FROM new_lines) AND e.committed_at <> now()
+     LIMIT 1;
+    IF old_entry IS NOT NULL THEN
+        RAISE EXCEPTION 'journal entry % is committed: lines cannot be added to it', old_entry
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
     IF problem IS NOT NULL THEN
         RAISE EXCEPTION '%', problem USING ERRCODE = 'check_violation';
     END IF;

@@ -20,10 +20,12 @@ PAGE_SIZE_MAX = 100
 PAGE_SIZE_DEFAULT = 20
 WALLETS_PER_OWNER_MAX = 100
 
-OwnerId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-Description = Annotated[str, msgspec.Meta(max_length=DESCRIPTION_CHARS_MAX)]
-MetadataKey = Annotated[str, msgspec.Meta(min_length=1, max_length=METADATA_KEY_CHARS_MAX)]
-MetadataValue = Annotated[str, msgspec.Meta(max_length=METADATA_VALUE_CHARS_MAX)]
+NO_NUL = "^[^\\x00]*$"
+"""Postgres text cannot hold NUL; refuse it at the door, not in a commit."""
+OwnerId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=NO_NUL)]
+Description = Annotated[str, msgspec.Meta(max_length=DESCRIPTION_CHARS_MAX, pattern=NO_NUL)]
+MetadataKey = Annotated[str, msgspec.Meta(min_length=1, max_length=METADATA_KEY_CHARS_MAX, pattern=NO_NUL)]
+MetadataValue = Annotated[str, msgspec.Meta(max_length=METADATA_VALUE_CHARS_MAX, pattern=NO_NUL)]
 Metadata = Annotated[
     dict[MetadataKey, MetadataValue],
     msgspec.Meta(
@@ -31,7 +33,7 @@ Metadata = Annotated[
         description=f"At most {METADATA_KEYS_MAX} string keys and values.",
     ),
 ]
-Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=DESCRIPTION_CHARS_MAX)]
+Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=DESCRIPTION_CHARS_MAX, pattern=NO_NUL)]
 
 
 class CreateWallet(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -152,6 +152,10 @@ CASES = [
     # --- description / reason ---------------------------------------------
     bad_debit("description-1001-chars", "description", json={**ONE, "description": "d" * 1001}),
     bad_debit("description-not-string", "description", json={**ONE, "description": 7}),
+    # Postgres text cannot hold NUL: refused at the door, never in a shared commit.
+    bad_debit("description-with-nul", "description", json={**ONE, "description": "a\u0000b"}),
+    bad_debit("metadata-value-with-nul", "metadata", json={**ONE, "metadata": {"k": "\u0000"}}),
+    bad_debit("metadata-key-with-nul", "metadata", json={**ONE, "metadata": {"k\u0000": "v"}}),
     accepted_debit("description-1000-chars-is-valid", json={**ONE, "description": "d" * 1000}),
     bad_credit("reason-empty", "reason", json={**ONE, "reason": ""}),
     bad_credit("reason-1001-chars", "reason", json={**ONE, "reason": "r" * 1001}),

@@ -34,12 +34,17 @@ if record[1] then
     return {'replay', record[4], record[3], record[7]}
 end
 
+local amount = tonumber(ARGV[2])
+if (ARGV[1] ~= 'debit' and ARGV[1] ~= 'credit') or not amount or amount < 1 or amount > tonumber(ARGV[7])
+    or amount ~= math.floor(amount) then
+    return redis.error_reply('apply: bad kind or amount')
+end
+
 local wallet = redis.call('HMGET', KEYS[1], 'b', 'o', 's', 'c')
 if not wallet[1] then
     return {'missing'}
 end
 local balance = tonumber(wallet[1])
-local amount = tonumber(ARGV[2])
 local delta
 if ARGV[1] == 'debit' then
     if wallet[3] ~= 'active' then

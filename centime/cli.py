@@ -67,11 +67,13 @@ def main() -> None:
 
 
 async def _migrate(database_url: str) -> list[str]:
-    from centime.migrate import migrate
+    from centime.migrate import MigrationError, migrate
 
     conn = await asyncpg.connect(database_url, timeout=10)
     try:
         return [f"{m.version:04d}_{m.name}" for m in await migrate(conn)]
+    except MigrationError as exc:
+        raise click.ClickException(f"migrate: {exc}") from None
     finally:
         await conn.close()
 

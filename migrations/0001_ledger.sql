@@ -75,12 +75,15 @@ CREATE INDEX journal_lines_account ON journal_lines (account_id);
 -- entry and its lines must be written by one statement (a data-modifying CTE;
 -- see ledger/sql/queries.sql), whose AFTER triggers run when it has finished.
 CREATE FUNCTION ledger_unbalanced(entry_ids uuid[]) RETURNS text LANGUAGE sql STABLE AS $$
-    SELECT format('journal entry %s does not balance: %s lines summing to %s',
-                  e.id, count(l.entry_id), coalesce(sum(l.amount_micros), 0))
+    -- One index probe per entry (LATERAL), never a scan of all lines.
+    SELECT format('journal entry %s does not balance: %s lines summing to %s', e.id, s.line_count, s.total_micros)
       FROM unnest(entry_ids) AS e (id)
-      LEFT JOIN journal_lines l ON l.entry_id = e.id
-     GROUP BY e.id
-    HAVING count(l.entry_id) < 2 OR coalesce(sum(l.amount_micros), 0) <> 0
+     CROSS JOIN LATERAL (
+               SELECT count(*) AS line_count, coalesce(sum(l.amount_micros), 0) AS total_micros
+                 FROM journal_lines l
+                WHERE l.entry_id = e.id
+           ) AS s
+     WHERE s.line_count < 2 OR s.total_micros <> 0
      LIMIT 1
 $$;
 
@@ -97,14 +100,15 @@ $$;
 
 CREATE FUNCTION ledger_check_new_lines() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
-    problem text := ledger_unbalanced(ARRAY(SELECT DISTINCT entry_id FROM new_lines));
+    entry_ids uuid[] := ARRAY(SELECT DISTINCT entry_id FROM new_lines);
+    problem text := ledger_unbalanced(entry_ids);
     old_entry uuid;
 BEGIN
     -- Lines belong to an entry written in this transaction: a committed
     -- entry never changes, not even by balanced additions.
     SELECT e.id INTO old_entry
       FROM journal_entries e
-     WHERE e.id IN (SELECT entry_id FROM new_lines) AND e.committed_at <> now()
+     WHERE e.id = ANY (entry_ids) AND e.committed_at <> now()
      LIMIT 1;
     IF old_entry IS NOT NULL THEN
         RAISE EXCEPTION 'journal entry % is committed: lines cannot be added to it', old_entry

@@ -174,17 +174,23 @@ async def metrics_endpoint() -> Response[bytes]:
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+REDIS_CONNECTIONS_MAX = 256
+
+
 def redis_client(url: str, settings: Settings) -> redis.Redis:
+    """A client whose pool waits (bounded) for a free connection instead of
+    failing at once under load. No automatic retries: a retried EVALSHA would
+    look like a replay; the debit path settles Redis errors itself."""
     timeout_s = settings.redis_timeout_ms / 1000
-    # No automatic retries: a retried EVALSHA would look like a replay. The
-    # debit path settles Redis errors itself.
-    return redis.Redis.from_url(
+    pool = redis.BlockingConnectionPool.from_url(
         url,
+        max_connections=REDIS_CONNECTIONS_MAX,
+        timeout=timeout_s,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         retry=Retry(NoBackoff(), 0),
-        max_connections=256,
     )
+    return redis.Redis(connection_pool=pool)
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
@@ -216,6 +222,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             batch_entries_max=settings.commit_batch_entries_max,
             connections=settings.commit_connections,
             timeout_s=timeout_s,
+            queue_wait_max_s=settings.commit_timeout_ms / 1000,
             after_commit=after_commit,
             observe_batch=metrics.commit_batch_entries.observe,
         )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 
 import asyncpg
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 QUEUE_ENTRIES_MAX = 50_000
 """Entries waiting for a worker; past this, submit() refuses at once."""
+
 
 # SQLSTATE classes after which a statement may or may not have committed:
 # connection exceptions, operator intervention (shutdown), resources, system.
@@ -75,6 +77,18 @@ async def write_entries(
 ) -> list[Outcome]:
     """Write a batch and say, per entry, what the ledger holds now."""
     written = await repo.insert_entries(conn, entries, timeout_s=timeout_s)
+    try:
+        return await _outcomes(conn, entries, written)
+    except Exception as exc:
+        # The insert has committed: what failed is only our reading of it.
+        raise CommitFailed(
+            f"reading the outcome of a committed write failed: {exc!r}", definite=False
+        ) from exc
+
+
+async def _outcomes(
+    conn: asyncpg.Connection, entries: Sequence[EntryRecord], written: set[uuid.UUID]
+) -> list[Outcome]:
     skipped = [entry for entry in entries if entry.id not in written]
     present = await repo.entries_by_id(conn, [entry.id for entry in skipped]) if skipped else {}
     outcomes: list[Outcome] = []
@@ -104,6 +118,7 @@ class LedgerWriter:
         batch_entries_max: int,
         connections: int,
         timeout_s: float,
+        queue_wait_max_s: float | None = None,
         after_commit: AfterCommit | None = None,
         observe_batch: Callable[[int], None] | None = None,
     ) -> None:
@@ -111,9 +126,13 @@ class LedgerWriter:
         self._batch_entries_max = batch_entries_max
         self._connections = connections
         self._timeout_s = timeout_s
+        # When the oldest waiting entry has waited this long, its request is
+        # about to time out anyway: refuse new entries at once instead.
+        self._queue_wait_max_s = queue_wait_max_s if queue_wait_max_s is not None else timeout_s
         self._after_commit = after_commit
         self._observe_batch = observe_batch
-        self._queue: asyncio.Queue[tuple[EntryRecord, asyncio.Future[object]]] = asyncio.Queue()
+        self._queue: deque[tuple[EntryRecord, asyncio.Future[object], float]] = deque()
+        self._ready = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -126,26 +145,40 @@ class LedgerWriter:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers = []
-        while not self._queue.empty():
-            _, future = self._queue.get_nowait()
+        while self._queue:
+            _, future, _ = self._queue.popleft()
             if not future.done():
                 future.set_exception(CommitFailed("the ledger writer stopped", definite=True))
 
     def submit(self, entry: EntryRecord) -> asyncio.Future[object]:
-        if self._queue.qsize() >= QUEUE_ENTRIES_MAX:
+        """Queue an entry for the next batch. Refuses (nothing sent) when the
+        queue is full or so slow that the request would time out anyway."""
+        loop = asyncio.get_running_loop()
+        if len(self._queue) >= QUEUE_ENTRIES_MAX:
             raise QueueFull(f"{QUEUE_ENTRIES_MAX} entries already wait for the ledger")
-        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((entry, future))
+        if self._queue and loop.time() - self._queue[0][2] > self._queue_wait_max_s:
+            raise QueueFull("the ledger is not keeping up")
+        future: asyncio.Future[object] = loop.create_future()
+        self._queue.append((entry, future, loop.time()))
+        self._ready.set()
         return future
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize()
+        return len(self._queue)
 
     async def _next_batch(self) -> list[tuple[EntryRecord, asyncio.Future[object]]]:
-        batch = [await self._queue.get()]
-        while len(batch) < self._batch_entries_max and not self._queue.empty():
-            batch.append(self._queue.get_nowait())
+        """The entries waiting now, up to the batch bound. Entries whose
+        request gave up (cancelled future) are dropped: never written."""
+        batch: list[tuple[EntryRecord, asyncio.Future[object]]] = []
+        while not batch:
+            while not self._queue:
+                self._ready.clear()
+                await self._ready.wait()
+            while self._queue and len(batch) < self._batch_entries_max:
+                entry, future, _ = self._queue.popleft()
+                if not future.cancelled():
+                    batch.append((entry, future))
         return batch
 
     async def _work(self) -> None:

@@ -6,6 +6,7 @@ The partition is a stable hash of the wallet id over a fixed count."""
 
 from __future__ import annotations
 
+import secrets
 import uuid
 import zlib
 from collections.abc import Sequence
@@ -26,6 +27,26 @@ class CachedWallet(msgspec.Struct, frozen=True):
     overdraft_limit_micros: int
     status: str
     currency: str
+
+
+class Undo(msgspec.Struct, frozen=True):
+    """How to undo a charge in Redis: a debit returns to the balance (b); a
+    credit leaves the pending credits (p) it waited in. Only into the wallet
+    as it was charged (epoch)."""
+
+    field: str
+    delta_micros: int
+    epoch: str
+
+
+class Settling(msgspec.Struct, frozen=True):
+    """A committed entry to settle in Redis."""
+
+    outbox_id: str
+    entry_id: uuid.UUID
+    wallet_id: uuid.UUID
+    credit_micros: int
+    epoch: str
 
 
 class Cache:
@@ -100,13 +121,7 @@ class Cache:
         )
 
     async def compensate(
-        self,
-        *,
-        wallet_id: uuid.UUID,
-        idempotency_key: str,
-        outbox_id: str,
-        delta_micros: int,
-        entry_id: uuid.UUID,
+        self, *, wallet_id: uuid.UUID, idempotency_key: str, outbox_id: str, undo: Undo, entry_id: uuid.UUID
     ) -> bool:
         p = self.partition(wallet_id)
         keys = [
@@ -114,36 +129,42 @@ class Cache:
             self.idempotency_key(wallet_id, idempotency_key),
             self.outbox_key(p),
         ]
-        return await self._run("compensate", keys, [outbox_id, str(delta_micros), str(entry_id)]) == 1
+        args = [outbox_id, undo.field, str(undo.delta_micros), str(entry_id), undo.epoch]
+        return await self._run("compensate", keys, args) == 1
 
     async def abandon(
+        self, *, wallet_id: uuid.UUID, idempotency_key: str, entry_id: uuid.UUID, outbox_id: str | None
+    ) -> bool:
+        p = self.partition(wallet_id)
+        keys = [self.idempotency_key(wallet_id, idempotency_key), self.outbox_key(p), self.abandoned_key(p)]
+        return await self._run("abandon", keys, [str(entry_id), outbox_id or ""]) == 1
+
+    async def is_abandoned(self, wallet_id: uuid.UUID, entry_id: uuid.UUID) -> bool:
+        return bool(await self.client.hexists(self.abandoned_key(self.partition(wallet_id)), str(entry_id)))
+
+    async def settle_committed(self, committed: dict[int, list[Settling]]) -> dict[int, list[int]]:
+        """Settle committed entries, one script call per partition, all in one
+        round trip. Per entry: 1 settled now, 2 abandoned first, 0 settled before."""
+        script = self._scripts["settle_committed"]
+        async with self.client.pipeline(transaction=False) as pipe:
+            for partition, items in committed.items():
+                keys = [self.outbox_key(partition), self.abandoned_key(partition)]
+                keys += [self.wallet_key(item.wallet_id) for item in items]
+                args: list[str] = []
+                for item in items:
+                    args += [item.outbox_id, str(item.entry_id), str(item.credit_micros), item.epoch]
+                await script(keys=keys, args=args, client=pipe)
+            replies = await pipe.execute()
+        return {p: [int(flag) for flag in reply] for p, reply in zip(committed, replies, strict=True)}
+
+    async def settle_reversed(
         self,
         *,
         wallet_id: uuid.UUID,
         idempotency_key: str,
         entry_id: uuid.UUID,
-        outbox_id: str | None,
-    ) -> bool:
-        p = self.partition(wallet_id)
-        keys = [
-            self.idempotency_key(wallet_id, idempotency_key),
-            self.outbox_key(p),
-            self.abandoned_key(p),
-        ]
-        return await self._run("abandon", keys, [str(entry_id), outbox_id or ""]) == 1
-
-    async def settle_committed(self, outbox_ids: dict[int, list[str]]) -> dict[int, list[bool]]:
-        """Remove committed entries from their partitions' outboxes, in one
-        round trip. Per id: True if this call removed it."""
-        script = self._scripts["settle_committed"]
-        async with self.client.pipeline(transaction=False) as pipe:
-            for partition, ids in outbox_ids.items():
-                await script(keys=[self.outbox_key(partition)], args=ids, client=pipe)
-            replies = await pipe.execute()
-        return {p: [flag == 1 for flag in reply] for p, reply in zip(outbox_ids, replies, strict=True)}
-
-    async def settle_reversed(
-        self, *, wallet_id: uuid.UUID, idempotency_key: str, entry_id: uuid.UUID, delta_micros: int
+        undo: Undo,
+        mark_reversed: bool,
     ) -> bool:
         p = self.partition(wallet_id)
         keys = [
@@ -151,7 +172,14 @@ class Cache:
             self.idempotency_key(wallet_id, idempotency_key),
             self.abandoned_key(p),
         ]
-        return await self._run("settle_reversed", keys, [str(entry_id), str(delta_micros)]) == 1
+        args = [
+            str(entry_id),
+            undo.field,
+            str(undo.delta_micros),
+            "reversed" if mark_reversed else "forget",
+            undo.epoch,
+        ]
+        return await self._run("settle_reversed", keys, args) == 1
 
     async def load_wallet(self, wallet_id: uuid.UUID, wallet: CachedWallet, *, overwrite: bool) -> bool:
         args = [
@@ -160,17 +188,19 @@ class Cache:
             wallet.status,
             wallet.currency,
             "1" if overwrite else "0",
+            secrets.token_hex(8),  # a new epoch: undos of earlier charges skip this wallet
         ]
         return await self._run("load_wallet", [self.wallet_key(wallet_id)], args) == 1
 
     # Reads -----------------------------------------------------------------
 
     async def wallet(self, wallet_id: uuid.UUID) -> CachedWallet | None:
-        balance, overdraft, status, currency = await self.client.hmget(
-            self.wallet_key(wallet_id), "b", "o", "s", "c"
-        )
-        if balance is None:
+        """The wallet as the debit path sees it; None when absent or partial
+        (apply.lua answers `missing` for both, and the next load repairs it)."""
+        fields = await self.client.hmget(self.wallet_key(wallet_id), "b", "o", "s", "c", "e")
+        if any(value is None for value in fields):
             return None
+        balance, overdraft, status, currency, _ = fields
         return CachedWallet(int(balance), int(overdraft), status.decode(), currency.decode())
 
     async def balances(self, wallet_ids: Sequence[uuid.UUID]) -> list[int | None]:

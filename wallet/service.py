@@ -17,8 +17,9 @@ import logging
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import msgspec
@@ -34,7 +35,7 @@ from ledger.ids import uuid7
 from ledger.schemas import EntryRecord
 from ledger.writer import CommitFailed, Committed, KeyTaken, LedgerWriter, Outcome, QueueFull
 from wallet import repo
-from wallet.cache import Cache, CachedWallet
+from wallet.cache import Cache, CachedWallet, Settling, Undo
 from wallet.errors import (
     BalanceTooLarge,
     IdempotencyConflict,
@@ -57,6 +58,9 @@ from wallet.schemas import (
 
 log = logging.getLogger(__name__)
 
+SETTLE_ABANDONED_FIRST = 2
+"""settle_committed.lua's answer for an entry its request abandoned first."""
+
 SETTLE_WAIT_S = 5.0
 """After a lost race to abandon, how long to wait for the winner's answer."""
 
@@ -65,9 +69,9 @@ _payload_decoder = msgspec.json.Decoder(EntryPayload)
 _hash_encoder = msgspec.json.Encoder(order="sorted")
 
 
-class LostRace(msgspec.Struct, frozen=True):
-    """Committed, but the outbox entry was already gone: it was abandoned
-    (its client got 503) and the sweeper will reverse it."""
+class AbandonedFirst(msgspec.Struct, frozen=True):
+    """Committed, but the request had already handed the charge to the
+    sweeper (its client got 503): the sweeper reverses it."""
 
     entry_id: uuid.UUID
 
@@ -77,6 +81,7 @@ class Charge(msgspec.Struct, frozen=True):
 
     entry: EntryRecord
     outbox_id: str
+    epoch: str
 
 
 def request_hash(kind: str, amount_micros: int, description: str | None, metadata: dict[str, str]) -> str:
@@ -132,9 +137,18 @@ def decode_payload(raw: bytes | str) -> EntryPayload:
     return _payload_decoder.decode(raw)
 
 
-def undo_delta(entry: EntryRecord) -> int:
-    """The balance change that undoes this entry's charge in Redis."""
-    return entry.amount_micros if entry.kind == "debit" else -entry.amount_micros
+def undo(charge: Charge) -> Undo:
+    """How to undo this charge in Redis."""
+    entry = charge.entry
+    if entry.kind == "debit":
+        return Undo("b", entry.amount_micros, charge.epoch)
+    return Undo("p", -entry.amount_micros, charge.epoch)
+
+
+def settling(charge: Charge) -> Settling:
+    entry = charge.entry
+    credit_micros = entry.amount_micros if entry.kind == "credit" else 0
+    return Settling(charge.outbox_id, entry.id, entry.wallet_id, credit_micros, charge.epoch)
 
 
 class Wallets:
@@ -146,7 +160,9 @@ class Wallets:
         self.writer = writer
         self.settings = settings
         self._commit_timeout_s = settings.commit_timeout_ms / 1000
-        self._outbox_ids: dict[uuid.UUID, str] = {}
+        self._database_timeout_s = settings.database_timeout_ms / 1000
+        self._charges: dict[uuid.UUID, Charge] = {}
+        self._background: set[asyncio.Task[None]] = set()
 
     # Wallets ---------------------------------------------------------------
 
@@ -156,7 +172,7 @@ class Wallets:
                 f"currency: {request.currency!r} is not a supported ISO 4217 code", fields=["currency"]
             )
         wallet_id = uuid7()
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire(timeout=self._database_timeout_s) as conn, conn.transaction():
             row = await repo.insert_wallet(
                 conn, wallet_id, request.owner_id, request.currency, request.overdraft_limit_micros
             )
@@ -172,7 +188,7 @@ class Wallets:
         return _wallet(row, 0)
 
     async def get_wallet(self, wallet_id: uuid.UUID) -> Wallet:
-        async with self.pool.acquire() as conn:
+        async with self.pool.acquire(timeout=self._database_timeout_s) as conn:
             row = await repo.wallet_by_id(conn, wallet_id)
             if row is None:
                 raise WalletNotFound(f"no wallet {wallet_id}")
@@ -180,7 +196,7 @@ class Wallets:
         return _wallet(row, cached.balance_micros)
 
     async def list_wallets(self, owner_id: str) -> list[Wallet]:
-        async with self.pool.acquire() as conn:
+        async with self.pool.acquire(timeout=self._database_timeout_s) as conn:
             rows = await repo.wallets_by_owner(conn, owner_id, WALLETS_PER_OWNER_MAX)
             return [_wallet(row, (await self._cached_or_load(conn, row)).balance_micros) for row in rows]
 
@@ -198,7 +214,7 @@ class Wallets:
         self, wallet_id: uuid.UUID, *, limit: int, starting_after: uuid.UUID | None
     ) -> EntryPage:
         invariant(1 <= limit <= PAGE_SIZE_MAX, f"limit {limit} outside 1..{PAGE_SIZE_MAX}")
-        async with self.pool.acquire() as conn:
+        async with self.pool.acquire(timeout=self._database_timeout_s) as conn:
             if await repo.wallet_by_id(conn, wallet_id) is None:
                 raise WalletNotFound(f"no wallet {wallet_id}")
             records = await ledger_repo.wallet_entries_page(conn, wallet_id, starting_after, limit + 1)
@@ -267,7 +283,7 @@ class Wallets:
             except redis.exceptions.RedisError as exc:
                 # The script may have run. Hand the entry to the sweeper, in
                 # the background and bounded, so a 503 never leaves a charge.
-                asyncio.get_running_loop().create_task(self._abandon_later(payload))
+                self._spawn(self._abandon_later(payload.wallet_id, payload.idempotency_key, payload.id, None))
                 raise Unavailable("the balance store did not answer; nothing was charged") from exc
             status = result[0].decode()
             if status == "ok":
@@ -276,6 +292,7 @@ class Wallets:
                 return Charge(
                     record_from_payload(payload, balance_micros=balance, currency=currency),
                     result[2].decode(),
+                    result[4].decode(),
                 )
             if status == "missing":
                 await self._load_missing(payload.wallet_id)
@@ -317,7 +334,7 @@ class Wallets:
         raise Unavailable(f"unexpected answer {status!r} from the balance store")
 
     async def _load_missing(self, wallet_id: uuid.UUID) -> None:
-        async with self.pool.acquire() as conn:
+        async with self.pool.acquire(timeout=self._database_timeout_s) as conn:
             row = await repo.wallet_by_id(conn, wallet_id)
             if row is None:
                 raise WalletNotFound(f"no wallet {wallet_id}")
@@ -326,10 +343,10 @@ class Wallets:
     async def _write_through(self, charge: Charge, payload: EntryPayload) -> tuple[Entry, bool]:
         entry = charge.entry
         try:
-            self._outbox_ids[entry.id] = charge.outbox_id
+            self._charges[entry.id] = charge
             future = self.writer.submit(entry)
         except QueueFull as exc:
-            self._outbox_ids.pop(entry.id, None)
+            self._charges.pop(entry.id, None)
             await self._compensate(charge)
             raise Unavailable("the ledger is overloaded; nothing was charged") from exc
         try:
@@ -343,33 +360,38 @@ class Wallets:
                 await self._abandon(charge)
             raise Unavailable("the ledger did not commit the entry; nothing was charged") from exc
         finally:
-            self._outbox_ids.pop(entry.id, None)
+            self._charges.pop(entry.id, None)
         if isinstance(outcome, Committed):
             return to_entry(entry), False
         if isinstance(outcome, KeyTaken):
-            # Redis had lost this key (expired or flushed); the ledger kept it.
-            await self._compensate(charge)
-            holder = outcome.holder
-            if holder.reversed_by is not None:
-                self._refusal("reversed", [], payload)
-            if holder.entry.request_hash != payload.request_hash:
-                self._refusal("conflict", [], payload)
-            return to_entry(holder.entry), True
-        log.error("entry %s committed after its request was abandoned; the sweeper reverses it", entry.id)
+            return await self._key_taken(charge, outcome, payload)
+        log.error("entry %s: abandoned while its request still waited; the sweeper reverses it", entry.id)
         raise Unavailable("the ledger did not commit the entry in time; nothing was charged")
+
+    async def _key_taken(
+        self, charge: Charge, outcome: KeyTaken, payload: EntryPayload
+    ) -> tuple[Entry, bool]:
+        """Redis had lost this key (expired or flushed); the ledger kept it.
+        Undo our duplicate charge and answer as the key's holder says."""
+        await self._compensate(charge)
+        holder = outcome.holder
+        if holder.reversed_by is not None:
+            self._refusal("reversed", [], payload)
+        if holder.entry.request_hash != payload.request_hash:
+            self._refusal("conflict", [], payload)
+        if await self.cache.is_abandoned(holder.entry.wallet_id, holder.entry.id):
+            self._refusal("in_progress", [], payload)  # the sweeper is about to reverse it
+        return to_entry(holder.entry), True
 
     async def _abandon_or_wait(self, charge: Charge, future: asyncio.Future[object]) -> object:
         """The commit is late: answer 503 unless it has just won the race."""
         if await self._abandon(charge):
+            future.cancel()  # not written yet? then the writer skips it
             raise Unavailable("the ledger did not commit the entry in time; nothing was charged")
         try:
             return await asyncio.wait_for(future, SETTLE_WAIT_S)
         except (TimeoutError, CommitFailed) as exc:
-            log.error(
-                "entry %s: lost the race to abandon, and no outcome arrived: %r",
-                charge.entry.id,
-                exc,
-            )
+            log.error("entry %s: lost the race to abandon, and no outcome arrived: %r", charge.entry.id, exc)
             raise Unavailable("the ledger did not commit the entry in time") from exc
 
     async def _compensate(self, charge: Charge) -> None:
@@ -379,65 +401,84 @@ class Wallets:
                 wallet_id=entry.wallet_id,
                 idempotency_key=entry.idempotency_key or "",
                 outbox_id=charge.outbox_id,
-                delta_micros=undo_delta(entry),
+                undo=undo(charge),
                 entry_id=entry.id,
             )
-        except redis.exceptions.RedisError:
-            log.exception("entry %s: refund failed; the sweeper settles it after the grace period", entry.id)
+        except redis.exceptions.RedisError as exc:
+            log.warning("entry %s: undo failed (%r); handing it to the sweeper", entry.id, exc)
+            self._spawn(
+                self._abandon_later(charge.entry.wallet_id, payload_key(entry), entry.id, charge.outbox_id)
+            )
 
     async def _abandon(self, charge: Charge) -> bool:
+        """Hand the charge to the sweeper. True unless the commit settled it first."""
         entry = charge.entry
         try:
             return await self.cache.abandon(
                 wallet_id=entry.wallet_id,
-                idempotency_key=entry.idempotency_key or "",
+                idempotency_key=payload_key(entry),
                 entry_id=entry.id,
                 outbox_id=charge.outbox_id,
             )
-        except redis.exceptions.RedisError:
-            log.exception("entry %s: could not hand it to the sweeper", entry.id)
+        except redis.exceptions.RedisError as exc:
+            log.warning("entry %s: abandon failed (%r); retrying in the background", entry.id, exc)
+            self._spawn(self._abandon_later(entry.wallet_id, payload_key(entry), entry.id, charge.outbox_id))
             return True
 
-    async def _abandon_later(self, payload: EntryPayload) -> None:
-        """After a Redis error on the charge itself: keep trying to abandon the
-        entry, if the script ran, for half the sweeper's grace period."""
-        deadline = asyncio.get_running_loop().time() + self.settings.sweeper_grace_ms / 2000
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _abandon_later(
+        self, wallet_id: uuid.UUID, idempotency_key: str, entry_id: uuid.UUID, outbox_id: str | None
+    ) -> None:
+        """Keep trying to hand a charge to the sweeper, for half its grace
+        period. Abandoning is always safe: the sweeper writes the entry with
+        its reversal. (A charge still left in the outbox after the grace period
+        is an orphan; the sweeper reverses an orphan it had to write itself.)"""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.sweeper_grace_ms / 2000
         delay_s = 0.05
-        while asyncio.get_running_loop().time() < deadline:
+        while loop.time() < deadline:
             try:
                 await self.cache.abandon(
-                    wallet_id=payload.wallet_id,
-                    idempotency_key=payload.idempotency_key,
-                    entry_id=payload.id,
-                    outbox_id=None,
+                    wallet_id=wallet_id,
+                    idempotency_key=idempotency_key,
+                    entry_id=entry_id,
+                    outbox_id=outbox_id,
                 )
                 return
             except redis.exceptions.RedisError:
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, 1.0)
-        log.error(
-            "entry %s: Redis stayed unreachable; if it was charged, the sweeper commits it",
-            payload.id,
-        )
+        log.error("entry %s: Redis stayed unreachable; the sweeper settles it as an orphan", entry_id)
 
     async def after_commit(self, entries: Sequence[EntryRecord], outcomes: list[Outcome]) -> list[object]:
-        """Group-commit hook: remove committed entries from their outboxes, one
-        script call per partition. An entry already gone was abandoned first."""
-        by_partition: dict[int, list[int]] = defaultdict(list)
+        """Group-commit hook: settle committed entries in Redis, one script call
+        per partition, one round trip. An entry its request abandoned first is
+        the sweeper's to reverse."""
+        by_partition: dict[int, list[tuple[int, Settling]]] = defaultdict(list)
         for index, (entry, outcome) in enumerate(zip(entries, outcomes, strict=True)):
-            if isinstance(outcome, Committed) and entry.id in self._outbox_ids:
-                by_partition[self.cache.partition(entry.wallet_id)].append(index)
+            charge = self._charges.get(entry.id)
+            if isinstance(outcome, Committed) and charge is not None:
+                by_partition[self.cache.partition(entry.wallet_id)].append((index, settling(charge)))
         results: list[object] = list(outcomes)
         if not by_partition:
             return results
-        removed = await self.cache.settle_committed(
-            {p: [self._outbox_ids[entries[i].id] for i in indexes] for p, indexes in by_partition.items()}
+        settled = await self.cache.settle_committed(
+            {p: [item for _, item in items] for p, items in by_partition.items()}
         )
-        for partition, indexes in by_partition.items():
-            for i, was_removed in zip(indexes, removed[partition], strict=True):
-                if not was_removed:
-                    results[i] = LostRace(entries[i].id)
+        for partition, items in by_partition.items():
+            for (i, _), state in zip(items, settled[partition], strict=True):
+                if state == SETTLE_ABANDONED_FIRST:
+                    results[i] = AbandonedFirst(entries[i].id)
         return results
+
+
+def payload_key(entry: EntryRecord) -> str:
+    invariant(entry.idempotency_key is not None, f"entry {entry.id} has no idempotency key")
+    return entry.idempotency_key or ""
 
 
 def _wallet(row: repo.WalletRow, balance_micros: int) -> Wallet:

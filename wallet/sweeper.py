@@ -2,9 +2,11 @@
 
 Each pass settles, per partition and bounded by `sweeper_batch_max`:
 - orphans: outbox entries older than the grace period. Their process died
-  (or lost Redis) between charging and settling. They are written to the
-  ledger idempotently by entry id, then removed from the outbox. An orphan
-  whose key another entry holds in the ledger is refunded instead.
+  (or lost Redis) between charging and settling. Each is written to the
+  ledger idempotently by entry id. If the writer had committed it, it may
+  have been answered 201: it is settled as committed. If the sweeper wrote it
+  now, no request was ever answered 2xx for it: it is reversed like an
+  abandoned entry. An orphan whose key another entry holds is undone.
 - abandoned entries: their client was answered 503 before the commit's
   outcome was known. Each is written to the ledger with its reversal (both
   idempotent by id), then refunded in Redis once.
@@ -25,44 +27,52 @@ import msgspec
 
 from centime.settings import Settings
 from ledger.accounts import reversal_id_for, reversal_of
-from ledger.writer import Committed, KeyTaken, write_entries
-from wallet.cache import Cache
-from wallet.service import Charge, decode_payload, record_from_payload, undo_delta
+from ledger.writer import Committed, KeyTaken, Outcome, is_definite_failure, write_entries
+from wallet.cache import Cache, Settling
+from wallet.service import Charge, decode_payload, record_from_payload, settling, undo
 
 log = logging.getLogger(__name__)
+
+PASS_TIMEOUT_FACTOR = 10
+"""A pass stops starting new work after this many database timeouts."""
 
 
 class SweepReport(msgspec.Struct, kw_only=True):
     orphans_committed: int = 0
+    orphans_reversed: int = 0
     orphans_refunded: int = 0
     abandoned_reversed: int = 0
     abandoned_refunded: int = 0
+    refused: int = 0
 
     @property
     def settled(self) -> int:
         return (
-            self.orphans_committed + self.orphans_refunded + self.abandoned_reversed + self.abandoned_refunded
+            self.orphans_committed
+            + self.orphans_reversed
+            + self.orphans_refunded
+            + self.abandoned_reversed
+            + self.abandoned_refunded
         )
 
 
-def _charge(partition_fields: dict[bytes, bytes], outbox_id: str) -> Charge:
-    payload = decode_payload(partition_fields[b"e"])
-    record = record_from_payload(
-        payload,
-        balance_micros=int(partition_fields[b"b"]),
-        currency=partition_fields[b"c"].decode(),
-    )
-    return Charge(record, outbox_id)
+def _charge(fields: dict[bytes, bytes], outbox_id: str) -> Charge:
+    payload = decode_payload(fields[b"e"])
+    record = record_from_payload(payload, balance_micros=int(fields[b"b"]), currency=fields[b"c"].decode())
+    return Charge(record, outbox_id, fields[b"w"].decode())
 
 
 async def sweep_once(
     pool: asyncpg.Pool, cache: Cache, settings: Settings, *, grace_ms: int | None = None
 ) -> SweepReport:
+    """One bounded pass over every partition."""
     report = SweepReport()
     timeout_s = settings.database_timeout_ms / 1000
     grace_ms = settings.sweeper_grace_ms if grace_ms is None else grace_ms
     cutoff_ms = await cache.server_time_ms() - grace_ms
     budget = settings.sweeper_batch_max
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + PASS_TIMEOUT_FACTOR * timeout_s
 
     async with cache.client.pipeline(transaction=False) as pipe:
         for p in range(cache.partition_count):
@@ -79,34 +89,81 @@ async def sweep_once(
         _, entries = replies[2 * p + 1]
         for raw in entries.values():
             if len(abandoned) < budget:
-                abandoned.append(
-                    _charge({k.encode(): v.encode() for k, v in msgspec.json.decode(raw).items()}, "")
-                )
+                fields = {k.encode(): v.encode() for k, v in msgspec.json.decode(raw).items()}
+                abandoned.append(_charge(fields, ""))
 
     if orphans:
         await _settle_orphans(pool, cache, orphans, report, timeout_s)
     for charge in abandoned:
+        if loop.time() > deadline:
+            break
         await _settle_abandoned(pool, cache, charge, report, timeout_s)
     return report
+
+
+async def _write_each(
+    pool: asyncpg.Pool, charges: list[Charge], report: SweepReport, cache: Cache, timeout_s: float
+) -> list[Outcome | None]:
+    """Write a batch; if Postgres refuses it, write each entry alone so one
+    bad entry does not stall the rest. None: refused and undone in Redis."""
+    entries = [charge.entry for charge in charges]
+    async with pool.acquire(timeout=timeout_s) as conn:
+        try:
+            return list(await write_entries(conn, entries, timeout_s=timeout_s))
+        except Exception as exc:
+            if not is_definite_failure(exc) or len(entries) == 1:
+                raise
+        outcomes: list[Outcome | None] = []
+        for charge in charges:
+            try:
+                (outcome,) = await write_entries(conn, [charge.entry], timeout_s=timeout_s)
+                outcomes.append(outcome)
+            except Exception as exc:
+                if not is_definite_failure(exc):
+                    raise
+                log.error(
+                    "sweeper: the ledger refuses entry %s (%r); undoing its charge", charge.entry.id, exc
+                )
+                report.refused += 1
+                await cache.compensate(
+                    wallet_id=charge.entry.wallet_id,
+                    idempotency_key=charge.entry.idempotency_key or "",
+                    outbox_id=charge.outbox_id,
+                    undo=undo(charge),
+                    entry_id=charge.entry.id,
+                )
+                outcomes.append(None)
+        return outcomes
 
 
 async def _settle_orphans(
     pool: asyncpg.Pool, cache: Cache, orphans: list[Charge], report: SweepReport, timeout_s: float
 ) -> None:
-    async with pool.acquire(timeout=timeout_s) as conn:
-        outcomes = await write_entries(conn, [charge.entry for charge in orphans], timeout_s=timeout_s)
-    committed: dict[int, list[str]] = {}
+    """An orphan the writer had committed (written=False now) may have been
+    answered 201: settle it as committed. One the sweeper writes itself was
+    never answered 2xx: reverse it, so no unanswered request stays charged."""
+    outcomes = await _write_each(pool, orphans, report, cache, timeout_s)
+    committed: dict[int, list[Settling]] = {}
     for charge, outcome in zip(orphans, outcomes, strict=True):
-        if isinstance(outcome, Committed):
-            committed.setdefault(cache.partition(charge.entry.wallet_id), []).append(charge.outbox_id)
+        entry = charge.entry
+        if isinstance(outcome, Committed) and not outcome.written:
+            committed.setdefault(cache.partition(entry.wallet_id), []).append(settling(charge))
             report.orphans_committed += 1
+        elif isinstance(outcome, Committed):
+            abandoned = await cache.abandon(
+                wallet_id=entry.wallet_id,
+                idempotency_key=entry.idempotency_key or "",
+                entry_id=entry.id,
+                outbox_id=charge.outbox_id,
+            )
+            if abandoned:
+                await _settle_abandoned(pool, cache, charge, report, timeout_s, counted_as="orphans_reversed")
         elif isinstance(outcome, KeyTaken):
-            entry = charge.entry
             refunded = await cache.compensate(
                 wallet_id=entry.wallet_id,
                 idempotency_key=entry.idempotency_key or "",
                 outbox_id=charge.outbox_id,
-                delta_micros=undo_delta(entry),
+                undo=undo(charge),
                 entry_id=entry.id,
             )
             report.orphans_refunded += int(refunded)
@@ -115,22 +172,40 @@ async def _settle_orphans(
 
 
 async def _settle_abandoned(
-    pool: asyncpg.Pool, cache: Cache, charge: Charge, report: SweepReport, timeout_s: float
+    pool: asyncpg.Pool,
+    cache: Cache,
+    charge: Charge,
+    report: SweepReport,
+    timeout_s: float,
+    *,
+    counted_as: str = "abandoned_reversed",
 ) -> None:
+    """Write the entry (idempotent by id) and its reversal, then undo the
+    charge in Redis once. If the ledger holds the key for another entry, ours
+    was never written: undo it and forget the key, so a retry replays that one."""
     entry = charge.entry
     async with pool.acquire(timeout=timeout_s) as conn:
-        (outcome,) = await write_entries(conn, [entry], timeout_s=timeout_s)
+        try:
+            (outcome,) = await write_entries(conn, [entry], timeout_s=timeout_s)
+        except Exception as exc:
+            if not is_definite_failure(exc):
+                raise
+            log.error("sweeper: the ledger refuses entry %s (%r); undoing its charge", entry.id, exc)
+            report.refused += 1
+            outcome = None
         if isinstance(outcome, Committed):
             await write_entries(conn, [reversal_of(entry, reversal_id_for(entry.id))], timeout_s=timeout_s)
-    refunded = await cache.settle_reversed(
+    written = isinstance(outcome, Committed)
+    undone = await cache.settle_reversed(
         wallet_id=entry.wallet_id,
         idempotency_key=entry.idempotency_key or "",
         entry_id=entry.id,
-        delta_micros=undo_delta(entry),
+        undo=undo(charge),
+        mark_reversed=written,
     )
-    if refunded and isinstance(outcome, Committed):
-        report.abandoned_reversed += 1
-    elif refunded:
+    if undone and written:
+        setattr(report, counted_as, getattr(report, counted_as) + 1)
+    elif undone:
         report.abandoned_refunded += 1
 
 

@@ -2,11 +2,16 @@
 --
 -- KEYS[1] wallet hash
 -- ARGV[1] balance_micros   ARGV[2] overdraft_limit_micros   ARGV[3] status   ARGV[4] currency
--- ARGV[5] '1' to overwrite (rebuild-cache), '0' to load only if absent
+-- ARGV[5] '1' to overwrite (rebuild-cache), '0' to load only if absent or partial
+-- ARGV[6] a new epoch: charges made before this load are not undone into it
 -- Returns 1 if written, 0 if it was already there.
 
-if ARGV[5] == '0' and redis.call('EXISTS', KEYS[1]) == 1 then
-    return 0
+if ARGV[5] == '0' then
+    local wallet = redis.call('HMGET', KEYS[1], 'b', 'o', 's', 'c', 'e')
+    if wallet[1] and wallet[2] and wallet[3] and wallet[4] and wallet[5] then
+        return 0
+    end
 end
-redis.call('HSET', KEYS[1], 'b', ARGV[1], 'o', ARGV[2], 's', ARGV[3], 'c', ARGV[4])
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'b', ARGV[1], 'p', '0', 'o', ARGV[2], 's', ARGV[3], 'c', ARGV[4], 'e', ARGV[6])
 return 1

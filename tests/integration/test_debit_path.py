@@ -1,0 +1,232 @@
+"""The debit path settles every charge it made in Redis, against real Postgres
+and Redis with real faults: a refused ledger connection refunds at once; a
+stalled one is answered 503 and the sweeper writes the debit beside its
+reversal; an orphan the sweeper had to write is reversed, one the writer had
+committed is kept; a key Redis forgot is recognised by the ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import asyncpg
+import msgspec
+import pytest
+import redis.asyncio as redis
+from conftest import free_port
+
+from centime.errors import Unavailable
+from centime.settings import Settings
+from ledger import repo as ledger_repo
+from ledger.writer import LedgerWriter, write_entries
+from wallet.cache import Cache
+from wallet.errors import IdempotencyKeyReversed
+from wallet.schemas import CreateWallet
+from wallet.service import Wallets
+from wallet.sweeper import sweep_once
+
+
+class Harness(msgspec.Struct):
+    pool: asyncpg.Pool
+    cache: Cache
+    settings: Settings
+    database_url: str
+
+    def wallets(
+        self, connect: Callable | None = None, *, commit_timeout_ms: int = 2000
+    ) -> tuple[Wallets, LedgerWriter]:
+        settings = msgspec.structs.replace(self.settings, commit_timeout_ms=commit_timeout_ms)
+        holder: list[Wallets] = []
+
+        async def after_commit(entries, outcomes):  # type: ignore[no-untyped-def]
+            return await holder[0].after_commit(entries, outcomes)
+
+        writer = LedgerWriter(
+            connect or (lambda: asyncpg.connect(self.database_url)),
+            batch_entries_max=16,
+            connections=2,
+            timeout_s=1.0,
+            after_commit=after_commit,
+        )
+        wallets = Wallets(pool=self.pool, cache=self.cache, writer=writer, settings=settings)
+        holder.append(wallets)
+        writer.start()
+        return wallets, writer
+
+
+@pytest.fixture
+async def harness(settings: Settings, private_database: str) -> AsyncIterator[Harness]:
+    pool = await asyncpg.create_pool(private_database, min_size=1, max_size=4)
+    client = redis.Redis.from_url(settings.redis_url)
+    prefix = f"{settings.redis_prefix}dp{secrets.token_hex(3)}"
+    cache = Cache(client, prefix=prefix, partition_count=4)
+    try:
+        yield Harness(
+            pool,
+            cache,
+            msgspec.structs.replace(settings, database_url=private_database, redis_prefix=prefix),
+            private_database,
+        )
+    finally:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}:*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+        await pool.close()
+
+
+async def funded_wallet(wallets: Wallets, micros: int) -> uuid.UUID:
+    wallet = await wallets.create_wallet(CreateWallet(owner_id=secrets.token_hex(6), currency="usd"))
+    await wallets.post_entry(
+        wallet.id, kind="credit", amount_micros=micros, idempotency_key="fund", description="f", metadata={}
+    )
+    return wallet.id
+
+
+async def debit(wallets: Wallets, wallet_id: uuid.UUID, key: str, micros: int = 100):  # type: ignore[no-untyped-def]
+    return await wallets.post_entry(
+        wallet_id, kind="debit", amount_micros=micros, idempotency_key=key, description=None, metadata={}
+    )
+
+
+async def ledger_balance(h: Harness, wallet_id: uuid.UUID) -> int:
+    async with h.pool.acquire() as conn:
+        return await ledger_repo.account_balance(conn, wallet_id)
+
+
+async def redis_balance(h: Harness, wallet_id: uuid.UUID) -> int:
+    cached = await h.cache.wallet(wallet_id)
+    assert cached is not None
+    return cached.balance_micros
+
+
+async def kinds(h: Harness, wallet_id: uuid.UUID) -> list[str]:
+    async with h.pool.acquire() as conn:
+        return sorted(e.kind for e in await ledger_repo.wallet_entries_page(conn, wallet_id, None, 100))
+
+
+@contextlib.asynccontextmanager
+async def silent_server() -> AsyncIterator[int]:
+    """A TCP server that accepts and never answers: a stalled Postgres."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for writer in held:
+            writer.close()
+
+
+async def test_a_refused_ledger_connection_refunds_at_once(harness: Harness) -> None:
+    good, good_writer = harness.wallets()
+    wallet_id = await funded_wallet(good, 1_000)
+    closed_port = free_port()
+    bad, bad_writer = harness.wallets(
+        lambda: asyncpg.connect(f"postgresql://postgres@127.0.0.1:{closed_port}/x")
+    )
+    try:
+        with pytest.raises(Unavailable):
+            await debit(bad, wallet_id, "k1")
+        assert await redis_balance(harness, wallet_id) == 1_000
+        # Nothing was charged, so the key is free: a retry runs afresh.
+        entry, replayed = await debit(good, wallet_id, "k1")
+        assert not replayed and entry.balance_micros == 900
+        assert await ledger_balance(harness, wallet_id) == 900
+    finally:
+        await bad_writer.stop()
+        await good_writer.stop()
+
+
+async def test_a_stalled_commit_is_answered_503_then_written_and_reversed(harness: Harness) -> None:
+    good, good_writer = harness.wallets()
+    wallet_id = await funded_wallet(good, 1_000)
+    async with silent_server() as port:
+        stalled, stalled_writer = harness.wallets(
+            lambda: asyncpg.connect(f"postgresql://postgres@127.0.0.1:{port}/x", timeout=30),
+            commit_timeout_ms=200,
+        )
+        try:
+            with pytest.raises(Unavailable):
+                await debit(stalled, wallet_id, "k1")
+        finally:
+            await stalled_writer.stop()
+    assert await redis_balance(harness, wallet_id) == 900  # still charged, abandoned to the sweeper
+    report = await sweep_once(harness.pool, harness.cache, harness.settings, grace_ms=0)
+    assert report.abandoned_reversed == 1
+    assert await redis_balance(harness, wallet_id) == 1_000
+    assert await ledger_balance(harness, wallet_id) == 1_000
+    assert await kinds(harness, wallet_id) == ["credit", "debit", "reversal"]
+    with pytest.raises(IdempotencyKeyReversed):
+        await debit(good, wallet_id, "k1")
+    # A second sweep finds nothing left to do.
+    assert (await sweep_once(harness.pool, harness.cache, harness.settings, grace_ms=0)).settled == 0
+    await good_writer.stop()
+
+
+async def test_an_orphan_the_sweeper_writes_is_reversed(harness: Harness) -> None:
+    good, good_writer = harness.wallets()
+    wallet_id = await funded_wallet(good, 1_000)
+    await good_writer.stop()
+    # A process charged Redis, then died before its commit.
+    charge = await good._charge(_payload(wallet_id, "orphan"))
+    assert await redis_balance(harness, wallet_id) == 900
+    report = await sweep_once(harness.pool, harness.cache, harness.settings, grace_ms=0)
+    assert report.orphans_reversed == 1, report
+    assert await redis_balance(harness, wallet_id) == 1_000 == await ledger_balance(harness, wallet_id)
+    assert await kinds(harness, wallet_id) == ["credit", "debit", "reversal"]
+    assert charge is not None
+
+
+async def test_an_orphan_the_writer_had_committed_is_kept(harness: Harness) -> None:
+    good, good_writer = harness.wallets()
+    wallet_id = await funded_wallet(good, 1_000)
+    await good_writer.stop()
+    # A process charged Redis and committed, then died before settling Redis.
+    charge = await good._charge(_payload(wallet_id, "committed"))
+    async with harness.pool.acquire() as conn:
+        await write_entries(conn, [charge.entry], timeout_s=2)
+    report = await sweep_once(harness.pool, harness.cache, harness.settings, grace_ms=0)
+    assert report.orphans_committed == 1, report
+    assert await redis_balance(harness, wallet_id) == 900 == await ledger_balance(harness, wallet_id)
+    assert await kinds(harness, wallet_id) == ["credit", "debit"]
+
+
+async def test_a_key_redis_forgot_is_recognised_by_the_ledger(harness: Harness) -> None:
+    good, good_writer = harness.wallets()
+    try:
+        wallet_id = await funded_wallet(good, 1_000)
+        first, _ = await debit(good, wallet_id, "k1")
+        await harness.cache.client.delete(harness.cache.idempotency_key(wallet_id, "k1"))
+        again, replayed = await debit(good, wallet_id, "k1")
+        assert replayed and again.id == first.id
+        assert await redis_balance(harness, wallet_id) == 900 == await ledger_balance(harness, wallet_id)
+    finally:
+        await good_writer.stop()
+
+
+def _payload(wallet_id: uuid.UUID, key: str):  # type: ignore[no-untyped-def]
+    from datetime import UTC, datetime
+
+    from ledger.ids import uuid7
+    from wallet.schemas import EntryPayload
+    from wallet.service import request_hash
+
+    return EntryPayload(
+        id=uuid7(),
+        wallet_id=wallet_id,
+        kind="debit",
+        amount_micros=100,
+        idempotency_key=key,
+        request_hash=request_hash("debit", 100, None, {}),
+        description=None,
+        metadata={},
+        created_at=datetime.now(UTC),
+    )

@@ -120,3 +120,7 @@ async def lines_total(conn: asyncpg.Connection) -> tuple[int, int]:
 
 async def mismatched_reversals(conn: asyncpg.Connection, limit: int) -> list[uuid.UUID]:
     return [row["id"] for row in await conn.fetch(Q["mismatched_reversals"], limit)]
+
+
+async def reversed_entry_ids(conn: asyncpg.Connection, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+    return {row["id"] for row in await conn.fetch(Q["reversed_entry_ids"], list(ids))}

@@ -30,10 +30,10 @@ from centime.errors import InvalidRequest, Unavailable, invariant
 from centime.money import AMOUNT_MICROS_MAX, is_supported_currency
 from centime.settings import Settings
 from ledger import repo as ledger_repo
-from ledger.accounts import credit_lines, debit_lines
+from ledger.accounts import credit_lines, debit_lines, reversal_id_for, reversal_of
 from ledger.ids import uuid7
-from ledger.schemas import EntryRecord
-from ledger.writer import CommitFailed, Committed, KeyTaken, LedgerWriter, Outcome, QueueFull
+from ledger.schemas import EntryRecord, KeyHolder
+from ledger.writer import CommitFailed, Committed, KeyTaken, LedgerWriter, Outcome, QueueFull, write_entries
 from wallet import repo
 from wallet.cache import Cache, CachedWallet, Settling, Undo
 from wallet.errors import (
@@ -57,6 +57,9 @@ from wallet.schemas import (
 )
 
 log = logging.getLogger(__name__)
+
+REFUSALS_TO_CHECK_IN_LEDGER = frozenset({"insufficient", "frozen", "too_large"})
+"""Refusals that a retry of an already charged request could meet."""
 
 SETTLE_ABANDONED_FIRST = 2
 """settle_committed.lua's answer for an entry its request abandoned first."""
@@ -263,7 +266,7 @@ class Wallets:
         )
         charge_or_replay = await self._charge(payload)
         if isinstance(charge_or_replay, Entry):
-            return charge_or_replay, True
+            return charge_or_replay, True  # replayed, from Redis or from the ledger
         return await self._write_through(charge_or_replay, payload)
 
     async def _charge(self, payload: EntryPayload) -> Charge | Entry:
@@ -297,6 +300,15 @@ class Wallets:
             if status == "missing":
                 await self._load_missing(payload.wallet_id)
                 continue
+            if status in REFUSALS_TO_CHECK_IN_LEDGER:
+                # Redis may have lost this key's record: the ledger keeps keys
+                # forever, and a retry of a charged request must replay it.
+                async with self.pool.acquire(timeout=self._database_timeout_s) as conn:
+                    holder = await ledger_repo.entry_by_wallet_key(
+                        conn, payload.wallet_id, payload.idempotency_key
+                    )
+                if holder is not None:
+                    return await self._answer_as_holder(holder, payload)
             return self._refusal(status, result, payload)
         raise Unavailable(f"wallet {payload.wallet_id} could not be loaded into the balance store")
 
@@ -374,14 +386,17 @@ class Wallets:
         """Redis had lost this key (expired or flushed); the ledger kept it.
         Undo our duplicate charge and answer as the key's holder says."""
         await self._compensate(charge)
-        holder = outcome.holder
+        return await self._answer_as_holder(outcome.holder, payload), True
+
+    async def _answer_as_holder(self, holder: KeyHolder, payload: EntryPayload) -> Entry:
+        """Answer a request whose key the ledger holds for an earlier entry."""
         if holder.reversed_by is not None:
             self._refusal("reversed", [], payload)
         if holder.entry.request_hash != payload.request_hash:
             self._refusal("conflict", [], payload)
         if await self.cache.is_abandoned(holder.entry.wallet_id, holder.entry.id):
             self._refusal("in_progress", [], payload)  # the sweeper is about to reverse it
-        return to_entry(holder.entry), True
+        return to_entry(holder.entry)
 
     async def _abandon_or_wait(self, charge: Charge, future: asyncio.Future[object]) -> object:
         """The commit is late: answer 503 unless it has just won the race."""
@@ -421,9 +436,26 @@ class Wallets:
                 outbox_id=charge.outbox_id,
             )
         except redis.exceptions.RedisError as exc:
-            log.warning("entry %s: abandon failed (%r); retrying in the background", entry.id, exc)
+            # Redis cannot record that this request answers 503, so record it
+            # in the ledger: the entry beside its reversal. The sweeper then
+            # finds the orphan reversed and undoes it in Redis.
+            log.warning("entry %s: abandon failed (%r); reversing it in the ledger", entry.id, exc)
+            await self._reverse_in_ledger(charge)
             self._spawn(self._abandon_later(entry.wallet_id, payload_key(entry), entry.id, charge.outbox_id))
             return True
+
+    async def _reverse_in_ledger(self, charge: Charge) -> None:
+        entry = charge.entry
+        try:
+            async with self.pool.acquire(timeout=self._database_timeout_s) as conn:
+                (outcome,) = await write_entries(conn, [entry], timeout_s=self._database_timeout_s)
+                if isinstance(outcome, Committed):
+                    reversal = reversal_of(entry, reversal_id_for(entry.id))
+                    await write_entries(conn, [reversal], timeout_s=self._database_timeout_s)
+        except Exception as exc:  # Postgres and Redis both failing: see docs/architecture.md
+            log.error(
+                "entry %s: answered 503 but neither Redis nor Postgres could record it: %r", entry.id, exc
+            )
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)

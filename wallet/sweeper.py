@@ -6,7 +6,8 @@ Each pass settles, per partition and bounded by `sweeper_batch_max`:
   ledger idempotently by entry id. If the writer had committed it, it may
   have been answered 201: it is settled as committed. If the sweeper wrote it
   now, no request was ever answered 2xx for it: it is reversed like an
-  abandoned entry. An orphan whose key another entry holds is undone.
+  abandoned entry. So is one its request already reversed in the ledger
+  (answered 503 when Redis could not take the abandon). An orphan whose key another entry holds is undone.
 - abandoned entries: their client was answered 503 before the commit's
   outcome was known. Each is written to the ledger with its reversal (both
   idempotent by id), then refunded in Redis once.
@@ -20,12 +21,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Callable
 
 import asyncpg
 import msgspec
 
 from centime.settings import Settings
+from ledger import repo as ledger_repo
 from ledger.accounts import reversal_id_for, reversal_of
 from ledger.writer import Committed, KeyTaken, Outcome, is_definite_failure, write_entries
 from wallet.cache import Cache, Settling
@@ -143,13 +146,24 @@ async def _settle_orphans(
     answered 201: settle it as committed. One the sweeper writes itself was
     never answered 2xx: reverse it, so no unanswered request stays charged."""
     outcomes = await _write_each(pool, orphans, report, cache, timeout_s)
+    kept = [
+        c.entry.id
+        for c, o in zip(orphans, outcomes, strict=True)
+        if isinstance(o, Committed) and not o.written
+    ]
+    reversed_ids: set[uuid.UUID] = set()
+    if kept:
+        async with pool.acquire(timeout=timeout_s) as conn:
+            reversed_ids = await ledger_repo.reversed_entry_ids(conn, kept)
     committed: dict[int, list[Settling]] = {}
     for charge, outcome in zip(orphans, outcomes, strict=True):
         entry = charge.entry
-        if isinstance(outcome, Committed) and not outcome.written:
+        if isinstance(outcome, Committed) and not outcome.written and entry.id not in reversed_ids:
             committed.setdefault(cache.partition(entry.wallet_id), []).append(settling(charge))
             report.orphans_committed += 1
         elif isinstance(outcome, Committed):
+            # Written by the sweeper just now (never answered 2xx), or already
+            # reversed by its request (answered 503 while Redis was away).
             abandoned = await cache.abandon(
                 wallet_id=entry.wallet_id,
                 idempotency_key=entry.idempotency_key or "",

@@ -90,3 +90,7 @@ SELECT r.id
   JOIN journal_entries o ON o.id = r.reverses_entry_id
  WHERE r.kind = 'reversal' AND (o.wallet_id <> r.wallet_id OR o.amount_micros <> r.amount_micros)
  LIMIT $1
+
+-- name: reversed_entry_ids
+-- Which of these entries have a reversal.
+SELECT reverses_entry_id AS id FROM journal_entries WHERE reverses_entry_id = ANY($1::uuid[])

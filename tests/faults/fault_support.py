@@ -1,0 +1,268 @@
+"""Helpers shared by the fault tests: a recorded debit load, and read-only
+views of the ledger (Postgres) and the hot balances (Redis) to judge it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import asyncpg
+import httpx
+import msgspec
+import pytest
+import redis.asyncio as redis
+from conftest import RUN_ID, Keys, auth, free_port
+
+from centime.settings import Settings
+from wallet.cache import Cache
+
+AMOUNT_MICROS = 1_000
+SETTLE_TIMEOUT_S = 30.0
+
+
+def unique_prefix() -> str:
+    """A Redis key prefix of the test's own: outboxes are per prefix, so a
+    sweeper of another database must never see this test's orphans."""
+    return f"f{RUN_ID}{secrets.token_hex(3)}"
+
+
+class RedisServer(msgspec.Struct, frozen=True):
+    url: str
+    process: subprocess.Popen[bytes]
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[RedisServer]:
+    """A redis-server of the test's own on a free loopback port, to flush or
+    stall without touching the shared one."""
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip("needs redis-server and redis-cli to run a private Redis")
+    port = free_port()
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--daemonize", "no"],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        ping = ["redis-cli", "-p", str(port), "ping"]
+        while subprocess.run(ping, capture_output=True, text=True).stdout.strip() != "PONG":
+            assert process.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+        yield RedisServer(f"redis://127.0.0.1:{port}/0", process)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGCONT)  # if a test left it stopped
+        process.terminate()
+        process.wait(timeout=10)
+
+
+class Answer(msgspec.Struct, kw_only=True):
+    """What the client saw for one idempotency key."""
+
+    key: str
+    wallet_id: str
+    amount_micros: int
+    started: float
+    latency_s: float
+    status: int | None = None  # None: no answer (connection cut, timeout)
+    code: str | None = None  # problem+json code of an error answer
+    detail: str | None = None
+    content_type: str | None = None
+    entry_id: str | None = None
+    replayed: bool = False
+    error: str | None = None
+
+
+def body_for(answer: Answer) -> dict[str, object]:
+    """The request body of a key: the same on every retry."""
+    return {"amount_micros": answer.amount_micros, "description": f"fault load {answer.key}"}
+
+
+async def post_debit(http: httpx.AsyncClient, keys: Keys, answer: Answer) -> Answer:
+    """Send (or resend) the debit of `answer`, and record what came back."""
+    started = time.monotonic()
+    answer.started = started
+    try:
+        response = await http.post(
+            f"/v1/wallets/{answer.wallet_id}/debits",
+            json=body_for(answer),
+            headers=auth(keys.debit, answer.key),
+        )
+    except httpx.HTTPError as exc:
+        answer.status = None
+        answer.error = f"{type(exc).__name__}: {exc}"
+        answer.latency_s = time.monotonic() - started
+        return answer
+    answer.latency_s = time.monotonic() - started
+    answer.status = response.status_code
+    answer.content_type = response.headers.get("content-type")
+    answer.replayed = response.headers.get("idempotent-replayed") == "true"
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    if response.status_code == 201:
+        answer.entry_id = body.get("id")
+    else:
+        answer.code = body.get("code")
+        answer.detail = body.get("detail")
+    return answer
+
+
+async def debit_load(
+    base_url: str,
+    keys: Keys,
+    wallet_ids: list[str],
+    stop: asyncio.Event,
+    *,
+    concurrency: int = 48,
+    timeout_s: float = 30.0,
+    on_answer: Callable[[Answer], None] | None = None,
+) -> list[Answer]:
+    """Debit round-robin over the wallets from `concurrency` workers, each
+    request with a fresh idempotency key, until `stop` is set."""
+    answers: list[Answer] = []
+    counter = iter(range(10**9))
+    run = secrets.token_hex(3)
+
+    async def worker() -> None:
+        # A client per worker: one connection each, so a request never
+        # queues inside a shared pool and is on the wire while it waits.
+        async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s) as http:
+            await _work(http)
+
+    async def _work(http: httpx.AsyncClient) -> None:
+        while not stop.is_set():
+            n = next(counter)
+            answer = Answer(
+                key=f"load-{run}-{n}",
+                wallet_id=wallet_ids[n % len(wallet_ids)],
+                amount_micros=AMOUNT_MICROS + n % 7,
+                started=0.0,
+                latency_s=0.0,
+            )
+            answers.append(answer)
+            await post_debit(http, keys, answer)
+            if on_answer is not None:
+                on_answer(answer)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return answers
+
+
+def summary(answers: list[Answer]) -> Counter[str]:
+    return Counter(str(a.status) if a.status is not None else (a.error or "?").split(":")[0] for a in answers)
+
+
+class LedgerDebit(msgspec.Struct, frozen=True):
+    id: uuid.UUID
+    wallet_id: uuid.UUID
+    amount_micros: int
+    reversed_by: uuid.UUID | None
+
+
+async def ledger_debits(database_url: str) -> dict[str, list[LedgerDebit]]:
+    """Every debit in the ledger by idempotency key, with its reversal."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            """
+            SELECT e.id, e.wallet_id, e.amount_micros, e.idempotency_key, r.id AS reversed_by
+              FROM journal_entries e
+              LEFT JOIN journal_entries r ON r.reverses_entry_id = e.id
+             WHERE e.kind = 'debit'
+            """
+        )
+    finally:
+        await conn.close()
+    by_key: dict[str, list[LedgerDebit]] = {}
+    for row in rows:
+        by_key.setdefault(row["idempotency_key"], []).append(
+            LedgerDebit(row["id"], row["wallet_id"], row["amount_micros"], row["reversed_by"])
+        )
+    return by_key
+
+
+async def ledger_balances(database_url: str, wallet_ids: list[str]) -> dict[str, int]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            """
+            SELECT w.id, coalesce(-sum(l.amount_micros), 0)::bigint AS balance
+              FROM wallets w LEFT JOIN journal_lines l ON l.account_id = w.id
+             WHERE w.id = ANY($1::uuid[])
+             GROUP BY w.id
+            """,
+            [uuid.UUID(w) for w in wallet_ids],
+        )
+    finally:
+        await conn.close()
+    return {str(row["id"]): row["balance"] for row in rows}
+
+
+def cache_for(settings: Settings) -> tuple[redis.Redis, Cache]:
+    assert settings.redis_url is not None
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+    return client, Cache(client, prefix=settings.redis_prefix, partition_count=settings.partition_count)
+
+
+async def redis_balances(settings: Settings, wallet_ids: list[str]) -> dict[str, int | None]:
+    client, cache = cache_for(settings)
+    try:
+        values = await cache.balances([uuid.UUID(w) for w in wallet_ids])
+    finally:
+        await client.aclose()
+    return dict(zip(wallet_ids, values, strict=True))
+
+
+async def unsettled(settings: Settings) -> int:
+    """Entries in the outboxes and abandoned sets of this prefix."""
+    client, cache = cache_for(settings)
+    try:
+        return await cache.outbox_depth()
+    finally:
+        await client.aclose()
+
+
+async def wait_settled(settings: Settings, timeout_s: float = SETTLE_TIMEOUT_S) -> float:
+    """Wait until the sweeper has settled every outbox and abandoned entry
+    (seen empty twice in a row). Returns the seconds it took."""
+    started = time.monotonic()
+    empty_polls = 0
+    depth = -1
+    while time.monotonic() - started < timeout_s:
+        depth = await unsettled(settings)
+        empty_polls = empty_polls + 1 if depth == 0 else 0
+        if empty_polls >= 2:
+            return time.monotonic() - started
+        await asyncio.sleep(0.25)
+    raise AssertionError(f"the sweeper left {depth} entries unsettled after {timeout_s} s")
+
+
+def classify(answers: list[Answer], ledger: dict[str, list[LedgerDebit]]) -> dict[str, list[str]]:
+    """Check invariant 3 of the design for every key, and list violations."""
+    problems: dict[str, list[str]] = {"ok_not_once": [], "error_charged": [], "lost_charged_twice": []}
+    for a in answers:
+        entries = ledger.get(a.key, [])
+        standing = [e for e in entries if e.reversed_by is None]
+        if a.status == 201:
+            if len(entries) != 1 or len(standing) != 1 or str(entries[0].id) != a.entry_id:
+                problems["ok_not_once"].append(f"{a.key}: answered 201 {a.entry_id}, ledger {entries}")
+        elif a.status is not None:
+            if standing:
+                problems["error_charged"].append(
+                    f"{a.key}: answered {a.status} {a.code} ({a.detail}), ledger {entries}"
+                )
+        elif len(entries) > 1:
+            problems["lost_charged_twice"].append(f"{a.key}: no answer, ledger {entries}")
+    return {kind: found for kind, found in problems.items() if found}

@@ -1,0 +1,120 @@
+"""A Redis that stalls (SIGSTOP) mid-load and then resumes leaves no 503'd
+debit charged: answers stay 201/402/503 in bounded time, and after the
+sweeper every 201 is in the ledger once, no 503 stands charged, and Redis
+agrees with the ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import httpx
+import msgspec
+import pytest
+from conftest import Keys, Server, make_keys, new_wallet, run_cli, start_server, stop_server
+from fault_support import (
+    AMOUNT_MICROS,
+    RedisServer,
+    classify,
+    debit_load,
+    ledger_balances,
+    ledger_debits,
+    redis_balances,
+    redis_server,
+    summary,
+    unique_prefix,
+    wait_settled,
+)
+
+from centime.settings import Settings
+
+pytestmark = pytest.mark.faults
+
+FAULT_ENV = {
+    "CENTIME_SWEEPER_GRACE_MS": "3000",
+    "CENTIME_SWEEPER_INTERVAL_MS": "200",
+    "CENTIME_COMMIT_TIMEOUT_MS": "500",
+}
+# Longer than the request's Redis timeout (1 s) plus the time it keeps trying
+# to hand an unanswered charge to the sweeper (sweeper_grace_ms / 2).
+STALL_S = 5.0
+HICCUP_S = 1.0
+HICCUP_BEFORE_STALL_S = 0.2
+LATENCY_BOUND_S = 10.0
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    with redis_server() as server:
+        yield server
+
+
+@pytest.fixture
+async def own(
+    settings: Settings, private_database: str, own_redis: RedisServer
+) -> AsyncIterator[tuple[Settings, Keys, Server]]:
+    own = msgspec.structs.replace(
+        settings, database_url=private_database, redis_url=own_redis.url, redis_prefix=unique_prefix()
+    )
+    keys = await make_keys(private_database)
+    server = start_server(own, **FAULT_ENV)
+    try:
+        yield own, keys, server
+    finally:
+        stop_server(server)
+
+
+async def test_redis_stall_mid_load(own: tuple[Settings, Keys, Server], own_redis: RedisServer) -> None:
+    settings, keys, server = own
+    assert settings.database_url is not None
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
+        wallet_ids = [await new_wallet(http, keys, funded_micros=1_000_000 * AMOUNT_MICROS) for _ in range(6)]
+
+    stop = asyncio.Event()
+    load = asyncio.create_task(
+        debit_load(server.base_url, keys, wallet_ids, stop, concurrency=16, timeout_s=3 * LATENCY_BOUND_S)
+    )
+    await asyncio.sleep(1.5)
+    # A one-second commit hiccup (a lock on the ledger, as a checkpoint
+    # stall would) puts every in-flight debit between charge and commit
+    # when Redis stops; without it that depends on luck.
+    hiccup = await asyncpg.connect(settings.database_url)
+    try:
+        async with hiccup.transaction():
+            await hiccup.execute("LOCK TABLE journal_entries IN EXCLUSIVE MODE")
+            await asyncio.sleep(HICCUP_BEFORE_STALL_S)
+            os.kill(own_redis.process.pid, signal.SIGSTOP)
+            stalled_at = time.monotonic()
+            await asyncio.sleep(HICCUP_S - HICCUP_BEFORE_STALL_S)
+    finally:
+        await hiccup.close()
+    try:
+        await asyncio.sleep(STALL_S - (time.monotonic() - stalled_at))
+    finally:
+        os.kill(own_redis.process.pid, signal.SIGCONT)
+    await asyncio.sleep(1.5)
+    stop.set()
+    answers = await asyncio.wait_for(load, 4 * LATENCY_BOUND_S)
+
+    seen = summary(answers)
+    slowest = max(answers, key=lambda a: a.latency_s)
+    print(f"answers {dict(seen)}; slowest {slowest.latency_s:.2f} s ({slowest.status} {slowest.code})")
+    odd = [a for a in answers if a.status not in (201, 402, 503)]
+    assert not odd, f"{len(odd)} answers other than 201/402/503, e.g. {odd[:3]}"
+    assert all(a.code == "unavailable" for a in answers if a.status == 503)
+    assert slowest.latency_s < LATENCY_BOUND_S, slowest
+    assert seen["503"] > 0, "the stall went unnoticed"
+
+    settle_s = await wait_settled(settings)
+    problems = classify(answers, await ledger_debits(settings.database_url))
+    print(f"settled in {settle_s:.1f} s; {sum(map(len, problems.values()))} violations")
+    assert problems == {}
+
+    in_ledger = await ledger_balances(settings.database_url, wallet_ids)
+    assert await redis_balances(settings, wallet_ids) == in_ledger
+    checked = run_cli(settings, "check")
+    assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -238,36 +238,23 @@ class Wallets:
         """Debit or credit a wallet. Returns the entry and whether it is a replay."""
         started = time.perf_counter()
         try:
-            return await self._post_entry(
-                wallet_id, kind, amount_micros, idempotency_key, description, metadata
+            payload = EntryPayload(
+                id=uuid7(),
+                wallet_id=wallet_id,
+                kind=kind,  # type: ignore[arg-type]
+                amount_micros=amount_micros,
+                idempotency_key=idempotency_key,
+                request_hash=request_hash(kind, amount_micros, description, metadata),
+                description=description,
+                metadata=metadata,
+                created_at=datetime.now(UTC),
             )
+            charge_or_replay = await self._charge(payload)
+            if isinstance(charge_or_replay, Entry):
+                return charge_or_replay, True  # replayed, from Redis or from the ledger
+            return await self._write_through(charge_or_replay, payload)
         finally:
             metrics.debit_latency_seconds.observe(time.perf_counter() - started)
-
-    async def _post_entry(
-        self,
-        wallet_id: uuid.UUID,
-        kind: str,
-        amount_micros: int,
-        idempotency_key: str,
-        description: str | None,
-        metadata: dict[str, str],
-    ) -> tuple[Entry, bool]:
-        payload = EntryPayload(
-            id=uuid7(),
-            wallet_id=wallet_id,
-            kind=kind,  # type: ignore[arg-type]
-            amount_micros=amount_micros,
-            idempotency_key=idempotency_key,
-            request_hash=request_hash(kind, amount_micros, description, metadata),
-            description=description,
-            metadata=metadata,
-            created_at=datetime.now(UTC),
-        )
-        charge_or_replay = await self._charge(payload)
-        if isinstance(charge_or_replay, Entry):
-            return charge_or_replay, True  # replayed, from Redis or from the ledger
-        return await self._write_through(charge_or_replay, payload)
 
     async def _charge(self, payload: EntryPayload) -> Charge | Entry:
         encoded = _payload_encoder.encode(payload)

@@ -205,17 +205,23 @@ def _progress(verb: str) -> Callable[[int], None]:
 
 @main.command("rebuild-cache")
 def rebuild_cache_command() -> None:
-    """Set every wallet's Redis balance from the ledger. Run when quiescent."""
+    """Set every wallet's Redis balance from the ledger, and restore the
+    idempotency records of recent entries. Run when quiescent."""
     from wallet.maintenance import rebuild_cache
 
     with _stores(_settings()) as settings:
-        count = _run(
+        report = _run(
             lambda: _with_pool_and_cache(
                 settings,
-                lambda pool, cache: rebuild_cache(pool, cache, progress=_progress("rebuilt")),
+                lambda pool, cache: rebuild_cache(
+                    pool, cache, idempotency_ttl_s=settings.idempotency_ttl_s, progress=_progress("rebuilt")
+                ),
             )
         )
-    _info(f"rebuilt {count} wallet balances from the ledger")
+    _info(
+        f"rebuilt {report.wallets} wallet balances and restored {report.keys_restored} idempotency records "
+        "from the ledger"
+    )
 
 
 @main.command()

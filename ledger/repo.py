@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from datetime import datetime
 
 import asyncpg
 import msgspec
@@ -124,3 +125,10 @@ async def mismatched_reversals(conn: asyncpg.Connection, limit: int) -> list[uui
 
 async def reversed_entry_ids(conn: asyncpg.Connection, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
     return {row["id"] for row in await conn.fetch(Q["reversed_entry_ids"], list(ids))}
+
+
+async def recent_keyed_entries_page(
+    conn: asyncpg.Connection, since: datetime, after_entry_id: uuid.UUID | None, limit: int
+) -> list[KeyHolder]:
+    rows = await conn.fetch(Q["recent_keyed_entries_page"], since, after_entry_id, limit)
+    return [KeyHolder(_record(row), row["reversed_by"]) for row in rows]

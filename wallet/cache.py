@@ -19,7 +19,15 @@ from redis.commands.core import AsyncScript
 
 from centime.money import AMOUNT_MICROS_MAX
 
-SCRIPTS = ("apply", "compensate", "abandon", "settle_committed", "settle_reversed", "load_wallet")
+SCRIPTS = (
+    "apply",
+    "compensate",
+    "abandon",
+    "settle_committed",
+    "settle_reversed",
+    "load_wallet",
+    "restore_key",
+)
 
 
 class CachedWallet(msgspec.Struct, frozen=True):
@@ -191,6 +199,31 @@ class Cache:
             secrets.token_hex(8),  # a new epoch: undos of earlier charges skip this wallet
         ]
         return await self._run("load_wallet", [self.wallet_key(wallet_id)], args) == 1
+
+    async def restore_key(
+        self,
+        *,
+        wallet_id: uuid.UUID,
+        idempotency_key: str,
+        request_hash: str,
+        entry_id: uuid.UUID,
+        payload: bytes,
+        balance_micros: int,
+        currency: str,
+        reversed_: bool,
+        ttl_s: int,
+    ) -> bool:
+        keys = [self.idempotency_key(wallet_id, idempotency_key)]
+        args = [
+            request_hash,
+            str(entry_id),
+            payload,
+            str(balance_micros),
+            currency,
+            "reversed" if reversed_ else "ok",
+            ttl_s,
+        ]
+        return await self._run("restore_key", keys, args) == 1
 
     # Reads -----------------------------------------------------------------
 

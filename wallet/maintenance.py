@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import msgspec
@@ -13,8 +14,10 @@ import msgspec
 from ledger import repo as ledger_repo
 from wallet import repo
 from wallet.cache import Cache, CachedWallet
+from wallet.service import encode_payload, payload_of
 
 WALLETS_PAGE_SIZE = 1000
+ENTRIES_PAGE_SIZE = 1000
 PROBLEMS_MAX = 100
 """Stop listing violations after this many of each kind: one is already a page."""
 
@@ -39,27 +42,55 @@ class CheckReport(msgspec.Struct, kw_only=True):
         )
 
 
-async def rebuild_cache(pool: asyncpg.Pool, cache: Cache, *, progress: Progress | None = None) -> int:
-    """Overwrite every wallet's Redis balance with its ledger balance. Run it
+class RebuildReport(msgspec.Struct, kw_only=True):
+    wallets: int = 0
+    keys_restored: int = 0
+
+
+async def rebuild_cache(
+    pool: asyncpg.Pool, cache: Cache, *, idempotency_ttl_s: int, progress: Progress | None = None
+) -> RebuildReport:
+    """Overwrite every wallet's Redis balance with its ledger balance, then
+    restore the idempotency records of entries younger than the TTL. Run it
     when quiescent: a charge not yet committed would be forgotten."""
+    report = RebuildReport()
     after: uuid.UUID | None = None
-    count = 0
     while True:
         async with pool.acquire() as conn:
             page = await repo.wallets_page(conn, after, WALLETS_PAGE_SIZE)
         for item in page:
             w = item.wallet
-            await cache.load_wallet(
-                w.id,
-                CachedWallet(item.balance_micros, w.overdraft_limit_micros, w.status, w.currency),
-                overwrite=True,
-            )
-        count += len(page)
+            cached = CachedWallet(item.balance_micros, w.overdraft_limit_micros, w.status, w.currency)
+            await cache.load_wallet(w.id, cached, overwrite=True)
+        report.wallets += len(page)
         if progress is not None:
-            progress(count)
+            progress(report.wallets)
         if len(page) < WALLETS_PAGE_SIZE:
-            return count
+            break
         after = page[-1].wallet.id
+    now = datetime.now(UTC)
+    since = now - timedelta(seconds=idempotency_ttl_s)
+    after_entry: uuid.UUID | None = None
+    while True:
+        async with pool.acquire() as conn:
+            holders = await ledger_repo.recent_keyed_entries_page(conn, since, after_entry, ENTRIES_PAGE_SIZE)
+        for holder in holders:
+            entry = holder.entry
+            age_s = int((now - entry.created_at).total_seconds())
+            report.keys_restored += await cache.restore_key(
+                wallet_id=entry.wallet_id,
+                idempotency_key=entry.idempotency_key or "",
+                request_hash=entry.request_hash or "",
+                entry_id=entry.id,
+                payload=encode_payload(payload_of(entry)),
+                balance_micros=entry.balance_micros or 0,
+                currency=entry.currency,
+                reversed_=holder.reversed_by is not None,
+                ttl_s=max(idempotency_ttl_s - age_s, 1),
+            )
+        if len(holders) < ENTRIES_PAGE_SIZE:
+            return report
+        after_entry = holders[-1].entry.id
 
 
 async def check(pool: asyncpg.Pool, cache: Cache, *, progress: Progress | None = None) -> CheckReport:

@@ -140,6 +140,26 @@ def decode_payload(raw: bytes | str) -> EntryPayload:
     return _payload_decoder.decode(raw)
 
 
+def encode_payload(payload: EntryPayload) -> bytes:
+    return _payload_encoder.encode(payload)
+
+
+def payload_of(record: EntryRecord) -> EntryPayload:
+    """What Redis keeps of a ledger entry (the inverse of record_from_payload)."""
+    invariant(record.kind in ("debit", "credit"), f"entry {record.id} is a {record.kind}, not a keyed entry")
+    return EntryPayload(
+        id=record.id,
+        wallet_id=record.wallet_id,
+        kind=record.kind,  # type: ignore[arg-type]
+        amount_micros=record.amount_micros,
+        idempotency_key=record.idempotency_key or "",
+        request_hash=record.request_hash or "",
+        description=record.description,
+        metadata=record.metadata,
+        created_at=record.created_at,
+    )
+
+
 def undo(charge: Charge) -> Undo:
     """How to undo this charge in Redis."""
     entry = charge.entry
@@ -257,7 +277,7 @@ class Wallets:
             metrics.debit_latency_seconds.observe(time.perf_counter() - started)
 
     async def _charge(self, payload: EntryPayload) -> Charge | Entry:
-        encoded = _payload_encoder.encode(payload)
+        encoded = encode_payload(payload)
         for _attempt in range(2):  # the second only after loading a wallet missing from Redis
             try:
                 result = await self.cache.apply(

@@ -230,3 +230,41 @@ def _payload(wallet_id: uuid.UUID, key: str):  # type: ignore[no-untyped-def]
         metadata={},
         created_at=datetime.now(UTC),
     )
+
+
+async def test_rebuild_cache_restores_balances_and_recent_keys(harness: Harness) -> None:
+    from wallet.maintenance import rebuild_cache
+    from wallet.service import request_hash
+
+    good, good_writer = harness.wallets()
+    try:
+        wallet_id = await funded_wallet(good, 1_000)
+        kept, _ = await debit(good, wallet_id, "kept")
+    finally:
+        await good_writer.stop()
+    # Redis loses everything of this deployment.
+    client = harness.cache.client
+    keys = [key async for key in client.scan_iter(match=f"{harness.cache.prefix}:*")]
+    await client.delete(*keys)
+
+    report = await rebuild_cache(harness.pool, harness.cache, idempotency_ttl_s=3600)
+    assert report.wallets == 1 and report.keys_restored == 2  # the funding credit and the debit
+    assert await redis_balance(harness, wallet_id) == 900 == await ledger_balance(harness, wallet_id)
+    record = await client.hgetall(harness.cache.idempotency_key(wallet_id, "kept"))
+    assert record[b"id"] == str(kept.id).encode() and record[b"st"] == b"ok"
+    assert 3500 < await client.ttl(harness.cache.idempotency_key(wallet_id, "kept")) <= 3600
+    # A retry is answered from Redis, without charging anything first.
+    reply = await harness.cache.apply(
+        wallet_id=wallet_id,
+        kind="debit",
+        amount_micros=100,
+        request_hash=request_hash("debit", 100, None, {}),
+        entry_id=uuid.uuid4(),
+        payload=b"{}",
+        idempotency_key="kept",
+        ttl_s=3600,
+    )
+    assert reply[0] == b"replay" and int(reply[1]) == 900
+    assert await redis_balance(harness, wallet_id) == 900
+    # A second rebuild leaves the restored records alone.
+    assert (await rebuild_cache(harness.pool, harness.cache, idempotency_ttl_s=3600)).keys_restored == 0

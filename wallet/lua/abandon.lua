@@ -14,6 +14,9 @@ if outbox_id == '' then
         return 0
     end
     outbox_id = record[2]
+    if not outbox_id or outbox_id == '' then
+        return 0
+    end
 end
 local found = redis.call('XRANGE', KEYS[2], outbox_id, outbox_id)
 if #found == 0 then

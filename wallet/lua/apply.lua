@@ -30,7 +30,8 @@ if record[1] then
     if record[6] == 'reversed' then
         return {'reversed', record[3]}
     end
-    if #redis.call('XRANGE', KEYS[3], record[5], record[5]) > 0
+    -- x is '' for a record restored from the ledger: committed, not pending.
+    if (record[5] ~= '' and #redis.call('XRANGE', KEYS[3], record[5], record[5]) > 0)
         or redis.call('HEXISTS', KEYS[4], record[2]) == 1 then
         return {'in_progress'}
     end

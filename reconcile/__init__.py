@@ -1,0 +1,1 @@
+"""The nightly reconciler: Stripe balance transactions against the ledger. Not built yet."""

@@ -1,0 +1,1 @@
+"""Top-ups: Stripe PaymentIntents, the checkout page and webhooks. Not built yet."""

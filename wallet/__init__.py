@@ -1,0 +1,1 @@
+"""Wallets: balances in Redis, the debit path, the sweeper. May import ledger."""

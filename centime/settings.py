@@ -72,12 +72,19 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         except msgspec.ValidationError as exc:
             raise SettingsError(f"{_env_name(field)}={value!r} is invalid: {exc}") from None
     settings = msgspec.convert(raw, Settings, strict=False)
-    # Until a request has settled or abandoned its charge, the charge is the
-    # request's; the sweeper must not take it before then.
-    request_window_ms = settings.commit_timeout_ms + settings.redis_timeout_ms
-    if settings.sweeper_grace_ms < 2 * request_window_ms:
+    # Until a request has settled or handed over its charge, the charge is the
+    # request's; the sweeper must not take it before then. A request waits for
+    # the commit, then may call Redis (abandon) and, if Redis fails, write a
+    # reversal to Postgres (a connection and two statements).
+    request_window_ms = max(
+        2 * (settings.commit_timeout_ms + settings.redis_timeout_ms),
+        settings.commit_timeout_ms + settings.redis_timeout_ms + 3 * settings.database_timeout_ms,
+    )
+    if settings.sweeper_grace_ms < request_window_ms:
         raise SettingsError(
-            f"{_env_name('sweeper_grace_ms')}={settings.sweeper_grace_ms} must be at least twice "
-            f"{_env_name('commit_timeout_ms')} + {_env_name('redis_timeout_ms')} ({2 * request_window_ms})"
+            f"{_env_name('sweeper_grace_ms')}={settings.sweeper_grace_ms} is shorter than a request's "
+            f"settling window: at least max(2 x ({_env_name('commit_timeout_ms')} + {_env_name('redis_timeout_ms')}), "
+            f"{_env_name('commit_timeout_ms')} + {_env_name('redis_timeout_ms')} + 3 x "
+            f"{_env_name('database_timeout_ms')}) = {request_window_ms}"
         )
     return settings

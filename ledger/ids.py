@@ -16,3 +16,8 @@ def uuid7(now_ms: int | None = None) -> uuid.UUID:
     value |= 0b10 << 62  # variant
     value |= rand & ((1 << 62) - 1)  # rand_b: 62 bits
     return uuid.UUID(int=value)
+
+
+def uuid7_floor(ms: int) -> uuid.UUID:
+    """The smallest UUIDv7 of a millisecond: every id made then or later sorts after it."""
+    return uuid.UUID(int=((ms & ((1 << 48) - 1)) << 80) | (0x7 << 76) | (0b10 << 62))

@@ -11,6 +11,7 @@ import msgspec
 
 from centime.sql import load_queries
 from ledger.accounts import SYSTEM_ACCOUNT_KINDS, system_account_id
+from ledger.ids import uuid7_floor
 from ledger.schemas import EntryRecord, KeyHolder
 
 Q = load_queries("ledger")
@@ -130,5 +131,7 @@ async def reversed_entry_ids(conn: asyncpg.Connection, ids: Sequence[uuid.UUID])
 async def recent_keyed_entries_page(
     conn: asyncpg.Connection, since: datetime, after_entry_id: uuid.UUID | None, limit: int
 ) -> list[KeyHolder]:
+    if after_entry_id is None:
+        after_entry_id = uuid7_floor(int(since.timestamp() * 1000))
     rows = await conn.fetch(Q["recent_keyed_entries_page"], since, after_entry_id, limit)
     return [KeyHolder(_record(row), row["reversed_by"]) for row in rows]

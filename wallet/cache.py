@@ -27,6 +27,7 @@ SCRIPTS = (
     "settle_reversed",
     "load_wallet",
     "restore_key",
+    "undo_reversed",
 )
 
 
@@ -199,6 +200,26 @@ class Cache:
             secrets.token_hex(8),  # a new epoch: undos of earlier charges skip this wallet
         ]
         return await self._run("load_wallet", [self.wallet_key(wallet_id)], args) == 1
+
+    async def undo_reversed(self, *, idempotency_key: str, settling: Settling, undo: Undo) -> bool:
+        """Undo a charge the ledger has reversed, wherever it stands in Redis."""
+        wallet_id = settling.wallet_id
+        p = self.partition(wallet_id)
+        keys = [
+            self.wallet_key(wallet_id),
+            self.idempotency_key(wallet_id, idempotency_key),
+            self.outbox_key(p),
+            self.abandoned_key(p),
+        ]
+        args = [
+            settling.outbox_id,
+            str(settling.entry_id),
+            undo.field,
+            str(undo.delta_micros),
+            undo.epoch,
+            str(settling.credit_micros),
+        ]
+        return await self._run("undo_reversed", keys, args) == 1
 
     async def restore_key(
         self,

@@ -444,25 +444,52 @@ class Wallets:
             )
         except redis.exceptions.RedisError as exc:
             # Redis cannot record that this request answers 503, so record it
-            # in the ledger: the entry beside its reversal. The sweeper then
-            # finds the orphan reversed and undoes it in Redis.
+            # in the ledger: the entry beside its reversal, in one transaction.
+            # Then undo it in Redis, wherever the charge stands by then.
             log.warning("entry %s: abandon failed (%r); reversing it in the ledger", entry.id, exc)
-            await self._reverse_in_ledger(charge)
-            self._spawn(self._abandon_later(entry.wallet_id, payload_key(entry), entry.id, charge.outbox_id))
+            self._charges.pop(entry.id, None)  # the writer must not settle it as committed now
+            if await self._reverse_in_ledger(charge):
+                self._spawn(self._undo_reversed_later(charge))
+            else:
+                self._spawn(
+                    self._abandon_later(entry.wallet_id, payload_key(entry), entry.id, charge.outbox_id)
+                )
             return True
 
-    async def _reverse_in_ledger(self, charge: Charge) -> None:
+    async def _reverse_in_ledger(self, charge: Charge) -> bool:
+        """Write the entry and its reversal, atomically. False if Postgres failed too."""
         entry = charge.entry
         try:
-            async with self.pool.acquire(timeout=self._database_timeout_s) as conn:
+            async with self.pool.acquire(timeout=self._database_timeout_s) as conn, conn.transaction():
                 (outcome,) = await write_entries(conn, [entry], timeout_s=self._database_timeout_s)
                 if isinstance(outcome, Committed):
                     reversal = reversal_of(entry, reversal_id_for(entry.id))
                     await write_entries(conn, [reversal], timeout_s=self._database_timeout_s)
+            return isinstance(outcome, Committed)
         except Exception as exc:  # Postgres and Redis both failing: see docs/architecture.md
             log.error(
                 "entry %s: answered 503 but neither Redis nor Postgres could record it: %r", entry.id, exc
             )
+            return False
+
+    async def _undo_reversed_later(self, charge: Charge) -> None:
+        """Undo in Redis a charge the ledger now holds reversed, retrying for
+        half the sweeper's grace period. (After that, the sweeper meets it as
+        an orphan with a reversal, or it was settled and the undo is lost:
+        logged, and `centime check` reports the drift.)"""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.sweeper_grace_ms / 2000
+        delay_s = 0.05
+        while loop.time() < deadline:
+            try:
+                await self.cache.undo_reversed(
+                    idempotency_key=payload_key(charge.entry), settling=settling(charge), undo=undo(charge)
+                )
+                return
+            except redis.exceptions.RedisError:
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 1.0)
+        log.error("entry %s: reversed in the ledger; Redis stayed unreachable to undo it", charge.entry.id)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)

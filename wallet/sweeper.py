@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from collections.abc import Callable
 
 import asyncpg
@@ -30,7 +29,7 @@ import msgspec
 from centime.settings import Settings
 from ledger import repo as ledger_repo
 from ledger.accounts import reversal_id_for, reversal_of
-from ledger.writer import Committed, KeyTaken, Outcome, is_definite_failure, write_entries
+from ledger.writer import Committed, Outcome, is_definite_failure, write_entries
 from wallet.cache import Cache, Settling
 from wallet.service import Charge, decode_payload, record_from_payload, settling, undo
 
@@ -43,26 +42,33 @@ PASS_TIMEOUT_FACTOR = 10
 class SweepReport(msgspec.Struct, kw_only=True):
     orphans_committed: int = 0
     orphans_reversed: int = 0
-    orphans_refunded: int = 0
     abandoned_reversed: int = 0
     abandoned_refunded: int = 0
     refused: int = 0
+    unreadable: int = 0
 
     @property
     def settled(self) -> int:
         return (
-            self.orphans_committed
-            + self.orphans_reversed
-            + self.orphans_refunded
-            + self.abandoned_reversed
-            + self.abandoned_refunded
+            self.orphans_committed + self.orphans_reversed + self.abandoned_reversed + self.abandoned_refunded
         )
 
 
 def _charge(fields: dict[bytes, bytes], outbox_id: str) -> Charge:
     payload = decode_payload(fields[b"e"])
     record = record_from_payload(payload, balance_micros=int(fields[b"b"]), currency=fields[b"c"].decode())
-    return Charge(record, outbox_id, fields[b"w"].decode())
+    # No epoch (written before epochs existed): matches no wallet, so nothing
+    # is undone into a wallet loaded since.
+    return Charge(record, outbox_id, fields.get(b"w", b"").decode())
+
+
+def _parse(fields: dict[bytes, bytes], outbox_id: str, report: SweepReport) -> Charge | None:
+    try:
+        return _charge(fields, outbox_id)
+    except (KeyError, ValueError, msgspec.DecodeError) as exc:
+        log.error("sweeper: unreadable entry %s %r: %r", outbox_id or "(abandoned)", fields, exc)
+        report.unreadable += 1
+        return None
 
 
 async def sweep_once(
@@ -87,13 +93,15 @@ async def sweep_once(
     abandoned: list[Charge] = []
     for p in range(cache.partition_count):
         for outbox_id, fields in replies[2 * p]:
-            if len(orphans) < budget:
-                orphans.append(_charge(fields, outbox_id.decode()))
+            charge = _parse(fields, outbox_id.decode(), report)
+            if charge is not None and len(orphans) < budget:
+                orphans.append(charge)
         _, entries = replies[2 * p + 1]
         for raw in entries.values():
-            if len(abandoned) < budget:
-                fields = {k.encode(): v.encode() for k, v in msgspec.json.decode(raw).items()}
-                abandoned.append(_charge(fields, ""))
+            fields = {k.encode(): v.encode() for k, v in msgspec.json.decode(raw).items()}
+            charge = _parse(fields, "", report)
+            if charge is not None and len(abandoned) < budget:
+                abandoned.append(charge)
 
     if orphans:
         await _settle_orphans(pool, cache, orphans, report, timeout_s)
@@ -104,83 +112,33 @@ async def sweep_once(
     return report
 
 
-async def _write_each(
-    pool: asyncpg.Pool, charges: list[Charge], report: SweepReport, cache: Cache, timeout_s: float
-) -> list[Outcome | None]:
-    """Write a batch; if Postgres refuses it, write each entry alone so one
-    bad entry does not stall the rest. None: refused and undone in Redis."""
-    entries = [charge.entry for charge in charges]
-    async with pool.acquire(timeout=timeout_s) as conn:
-        try:
-            return list(await write_entries(conn, entries, timeout_s=timeout_s))
-        except Exception as exc:
-            if not is_definite_failure(exc) or len(entries) == 1:
-                raise
-        outcomes: list[Outcome | None] = []
-        for charge in charges:
-            try:
-                (outcome,) = await write_entries(conn, [charge.entry], timeout_s=timeout_s)
-                outcomes.append(outcome)
-            except Exception as exc:
-                if not is_definite_failure(exc):
-                    raise
-                log.error(
-                    "sweeper: the ledger refuses entry %s (%r); undoing its charge", charge.entry.id, exc
-                )
-                report.refused += 1
-                await cache.compensate(
-                    wallet_id=charge.entry.wallet_id,
-                    idempotency_key=charge.entry.idempotency_key or "",
-                    outbox_id=charge.outbox_id,
-                    undo=undo(charge),
-                    entry_id=charge.entry.id,
-                )
-                outcomes.append(None)
-        return outcomes
-
-
 async def _settle_orphans(
     pool: asyncpg.Pool, cache: Cache, orphans: list[Charge], report: SweepReport, timeout_s: float
 ) -> None:
-    """An orphan the writer had committed (written=False now) may have been
-    answered 201: settle it as committed. One the sweeper writes itself was
-    never answered 2xx: reverse it, so no unanswered request stays charged."""
-    outcomes = await _write_each(pool, orphans, report, cache, timeout_s)
-    kept = [
-        c.entry.id
-        for c, o in zip(orphans, outcomes, strict=True)
-        if isinstance(o, Committed) and not o.written
-    ]
-    reversed_ids: set[uuid.UUID] = set()
-    if kept:
-        async with pool.acquire(timeout=timeout_s) as conn:
-            reversed_ids = await ledger_repo.reversed_entry_ids(conn, kept)
+    """An orphan the ledger holds was committed by the writer and may have
+    been answered 201: keep it, unless the ledger also holds its reversal
+    (its request answered 503 and recorded that there). An orphan the ledger
+    does not hold was never answered 2xx: claim it first (abandon), then
+    write it with its reversal. Claiming before writing means a pass that
+    fails halfway leaves it claimed, never looking committed."""
+    async with pool.acquire(timeout=timeout_s) as conn:
+        present = await ledger_repo.entries_by_id(conn, [charge.entry.id for charge in orphans])
+        reversed_ids = await ledger_repo.reversed_entry_ids(conn, list(present)) if present else set()
     committed: dict[int, list[Settling]] = {}
-    for charge, outcome in zip(orphans, outcomes, strict=True):
+    for charge in orphans:
         entry = charge.entry
-        if isinstance(outcome, Committed) and not outcome.written and entry.id not in reversed_ids:
+        if entry.id in present and entry.id not in reversed_ids:
             committed.setdefault(cache.partition(entry.wallet_id), []).append(settling(charge))
             report.orphans_committed += 1
-        elif isinstance(outcome, Committed):
-            # Written by the sweeper just now (never answered 2xx), or already
-            # reversed by its request (answered 503 while Redis was away).
-            abandoned = await cache.abandon(
-                wallet_id=entry.wallet_id,
-                idempotency_key=entry.idempotency_key or "",
-                entry_id=entry.id,
-                outbox_id=charge.outbox_id,
-            )
-            if abandoned:
-                await _settle_abandoned(pool, cache, charge, report, timeout_s, counted_as="orphans_reversed")
-        elif isinstance(outcome, KeyTaken):
-            refunded = await cache.compensate(
-                wallet_id=entry.wallet_id,
-                idempotency_key=entry.idempotency_key or "",
-                outbox_id=charge.outbox_id,
-                undo=undo(charge),
-                entry_id=entry.id,
-            )
-            report.orphans_refunded += int(refunded)
+            continue
+        claimed = await cache.abandon(
+            wallet_id=entry.wallet_id,
+            idempotency_key=entry.idempotency_key or "",
+            entry_id=entry.id,
+            outbox_id=charge.outbox_id,
+        )
+        if claimed:
+            await _settle_abandoned(pool, cache, charge, report, timeout_s, counted_as="orphans_reversed")
     if committed:
         await cache.settle_committed(committed)
 
@@ -194,21 +152,25 @@ async def _settle_abandoned(
     *,
     counted_as: str = "abandoned_reversed",
 ) -> None:
-    """Write the entry (idempotent by id) and its reversal, then undo the
-    charge in Redis once. If the ledger holds the key for another entry, ours
-    was never written: undo it and forget the key, so a retry replays that one."""
+    """Write the entry (idempotent by id) and its reversal in one transaction,
+    then undo the charge in Redis once. If the ledger holds the key for
+    another entry, ours was never written: undo it and forget the key, so a
+    retry replays that one. An entry Postgres refuses for good is undone."""
     entry = charge.entry
-    async with pool.acquire(timeout=timeout_s) as conn:
-        try:
+    outcome: Outcome | None
+    try:
+        async with pool.acquire(timeout=timeout_s) as conn, conn.transaction():
             (outcome,) = await write_entries(conn, [entry], timeout_s=timeout_s)
-        except Exception as exc:
-            if not is_definite_failure(exc):
-                raise
-            log.error("sweeper: the ledger refuses entry %s (%r); undoing its charge", entry.id, exc)
-            report.refused += 1
-            outcome = None
-        if isinstance(outcome, Committed):
-            await write_entries(conn, [reversal_of(entry, reversal_id_for(entry.id))], timeout_s=timeout_s)
+            if isinstance(outcome, Committed):
+                await write_entries(
+                    conn, [reversal_of(entry, reversal_id_for(entry.id))], timeout_s=timeout_s
+                )
+    except Exception as exc:
+        if not is_definite_failure(exc):
+            raise
+        log.error("sweeper: the ledger refuses entry %s (%r); undoing its charge", entry.id, exc)
+        report.refused += 1
+        outcome = None
     written = isinstance(outcome, Committed)
     undone = await cache.settle_reversed(
         wallet_id=entry.wallet_id,

@@ -98,11 +98,13 @@ SELECT reverses_entry_id AS id FROM journal_entries WHERE reverses_entry_id = AN
 -- name: recent_keyed_entries_page
 -- Debits and credits created since $1, in id order after $2, with whether
 -- each was reversed: what rebuild-cache restores of the idempotency records.
+-- Ids are UUIDv7, so the first page starts at the UUIDv7 of $1 and walks
+-- the primary key from there, not from the oldest entry.
 SELECT e.id, e.kind, e.currency, e.wallet_id, e.amount_micros, e.balance_micros, e.idempotency_key,
        e.request_hash, e.reverses_entry_id, e.description, e.metadata::text AS metadata, e.created_at,
        r.id AS reversed_by
   FROM journal_entries e
   LEFT JOIN journal_entries r ON r.reverses_entry_id = e.id
- WHERE e.kind IN ('debit', 'credit') AND e.created_at >= $1 AND ($2::uuid IS NULL OR e.id > $2::uuid)
+ WHERE e.id > $2::uuid AND e.kind IN ('debit', 'credit') AND e.created_at >= $1
  ORDER BY e.id
  LIMIT $3

@@ -61,6 +61,7 @@ FAULT_ENV = {
     "CENTIME_SWEEPER_GRACE_MS": "3000",
     "CENTIME_SWEEPER_INTERVAL_MS": "200",
     "CENTIME_COMMIT_TIMEOUT_MS": "500",
+    "CENTIME_DATABASE_TIMEOUT_MS": "500",
     # Shorter than the outage, so requests look their API key up while
     # Postgres is down, as in any outage longer than the default 10 s.
     "CENTIME_API_KEY_CACHE_TTL_S": "1",

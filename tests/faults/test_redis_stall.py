@@ -38,6 +38,7 @@ FAULT_ENV = {
     "CENTIME_SWEEPER_GRACE_MS": "3000",
     "CENTIME_SWEEPER_INTERVAL_MS": "200",
     "CENTIME_COMMIT_TIMEOUT_MS": "500",
+    "CENTIME_DATABASE_TIMEOUT_MS": "500",
 }
 # Longer than the request's Redis timeout (1 s) plus the time it keeps trying
 # to hand an unanswered charge to the sweeper (sweeper_grace_ms / 2).

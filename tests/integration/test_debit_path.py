@@ -268,3 +268,78 @@ async def test_rebuild_cache_restores_balances_and_recent_keys(harness: Harness)
     assert await redis_balance(harness, wallet_id) == 900
     # A second rebuild leaves the restored records alone.
     assert (await rebuild_cache(harness.pool, harness.cache, idempotency_ttl_s=3600)).keys_restored == 0
+
+
+async def test_an_orphan_its_request_reversed_in_the_ledger_is_undone(harness: Harness) -> None:
+    from ledger.accounts import reversal_id_for, reversal_of
+
+    good, good_writer = harness.wallets()
+    wallet_id = await funded_wallet(good, 1_000)
+    await good_writer.stop()
+    # The request answered 503 and, Redis being away, recorded it in the ledger.
+    charge = await good._charge(_payload(wallet_id, "stalled"))
+    async with harness.pool.acquire() as conn, conn.transaction():
+        await write_entries(conn, [charge.entry], timeout_s=2)
+        await write_entries(conn, [reversal_of(charge.entry, reversal_id_for(charge.entry.id))], timeout_s=2)
+    report = await sweep_once(harness.pool, harness.cache, harness.settings, grace_ms=0)
+    assert report.orphans_reversed == 1 and report.orphans_committed == 0, report
+    assert await redis_balance(harness, wallet_id) == 1_000 == await ledger_balance(harness, wallet_id)
+    with pytest.raises(IdempotencyKeyReversed):
+        await debit(good, wallet_id, "stalled")
+
+
+@pytest.mark.parametrize("kind", ["debit", "credit"])
+async def test_undo_reversed_reaches_a_charge_the_writer_had_settled(harness: Harness, kind: str) -> None:
+    from ledger.accounts import reversal_id_for, reversal_of
+    from wallet.service import settling, undo
+
+    good, good_writer = harness.wallets()
+    try:
+        wallet_id = await funded_wallet(good, 1_000)
+        # The writer commits and settles; meanwhile the request, unable to reach
+        # Redis, answers 503 and reverses the entry in the ledger.
+        payload = msgspec.structs.replace(_payload(wallet_id, "late"), kind=kind)
+        charge = await good._charge(payload)
+        good._charges[charge.entry.id] = charge
+        _, replayed = await good._write_through(charge, payload)
+        assert not replayed
+    finally:
+        await good_writer.stop()
+    async with harness.pool.acquire() as conn:
+        await write_entries(conn, [reversal_of(charge.entry, reversal_id_for(charge.entry.id))], timeout_s=2)
+    key = charge.entry.idempotency_key or ""
+    assert await harness.cache.undo_reversed(
+        idempotency_key=key, settling=settling(charge), undo=undo(charge)
+    )
+    assert not await harness.cache.undo_reversed(
+        idempotency_key=key, settling=settling(charge), undo=undo(charge)
+    )
+    assert await redis_balance(harness, wallet_id) == 1_000 == await ledger_balance(harness, wallet_id)
+    record = await harness.cache.client.hgetall(harness.cache.idempotency_key(wallet_id, key))
+    assert record[b"st"] == b"reversed"
+    # Nothing is left for the sweeper.
+    assert (await sweep_once(harness.pool, harness.cache, harness.settings, grace_ms=0)).settled == 0
+
+
+async def test_rebuild_cache_corrects_a_stale_record_of_a_reversed_entry(harness: Harness) -> None:
+    from ledger.accounts import reversal_id_for, reversal_of
+    from wallet.maintenance import rebuild_cache
+
+    good, good_writer = harness.wallets()
+    try:
+        wallet_id = await funded_wallet(good, 1_000)
+        entry, _ = await debit(good, wallet_id, "stale")
+    finally:
+        await good_writer.stop()
+    # An old snapshot still says `ok` for an entry the ledger has since reversed.
+    async with harness.pool.acquire() as conn:
+        record = (await ledger_repo.entries_by_id(conn, [entry.id]))[entry.id]
+        from ledger.accounts import debit_lines
+
+        full = msgspec.structs.replace(record, lines=debit_lines(wallet_id, "usd", record.amount_micros))
+        await write_entries(conn, [reversal_of(full, reversal_id_for(entry.id))], timeout_s=2)
+    await rebuild_cache(harness.pool, harness.cache, idempotency_ttl_s=3600)
+    stored = await harness.cache.client.hgetall(harness.cache.idempotency_key(wallet_id, "stale"))
+    assert stored[b"st"] == b"reversed" and stored[b"x"] == b""
+    with pytest.raises(IdempotencyKeyReversed):
+        await debit(good, wallet_id, "stale")

@@ -17,7 +17,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -473,52 +473,49 @@ class Wallets:
             return False
 
     async def _undo_reversed_later(self, charge: Charge) -> None:
-        """Undo in Redis a charge the ledger now holds reversed, retrying for
-        half the sweeper's grace period. (After that, the sweeper meets it as
-        an orphan with a reversal, or it was settled and the undo is lost:
-        logged, and `centime check` reports the drift.)"""
+        """Undo in Redis a charge the ledger now holds reversed. (If Redis stays
+        away, the sweeper meets it as an orphan with a reversal, or it was
+        settled and the undo is lost: logged, and `centime check` reports it.)"""
+        await self._keep_trying(
+            lambda: self.cache.undo_reversed(
+                idempotency_key=payload_key(charge.entry), settling=settling(charge), undo=undo(charge)
+            ),
+            f"entry {charge.entry.id}: reversed in the ledger; Redis stayed unreachable to undo it",
+        )
+
+    async def _abandon_later(
+        self, wallet_id: uuid.UUID, idempotency_key: str, entry_id: uuid.UUID, outbox_id: str | None
+    ) -> None:
+        """Hand a charge to the sweeper. Abandoning is always safe: the sweeper
+        writes the entry with its reversal. (A charge still in the outbox after
+        the grace period is an orphan, which the sweeper reverses unless the
+        ledger holds it.)"""
+        await self._keep_trying(
+            lambda: self.cache.abandon(
+                wallet_id=wallet_id, idempotency_key=idempotency_key, entry_id=entry_id, outbox_id=outbox_id
+            ),
+            f"entry {entry_id}: Redis stayed unreachable; the sweeper settles it as an orphan",
+        )
+
+    async def _keep_trying(self, attempt: Callable[[], Awaitable[object]], give_up_message: str) -> None:
+        """Retry a Redis call with backoff for half the sweeper's grace period,
+        after which the sweeper owns what is left."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.sweeper_grace_ms / 2000
         delay_s = 0.05
         while loop.time() < deadline:
             try:
-                await self.cache.undo_reversed(
-                    idempotency_key=payload_key(charge.entry), settling=settling(charge), undo=undo(charge)
-                )
+                await attempt()
                 return
             except redis.exceptions.RedisError:
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, 1.0)
-        log.error("entry %s: reversed in the ledger; Redis stayed unreachable to undo it", charge.entry.id)
+        log.error(give_up_message)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-    async def _abandon_later(
-        self, wallet_id: uuid.UUID, idempotency_key: str, entry_id: uuid.UUID, outbox_id: str | None
-    ) -> None:
-        """Keep trying to hand a charge to the sweeper, for half its grace
-        period. Abandoning is always safe: the sweeper writes the entry with
-        its reversal. (A charge still left in the outbox after the grace period
-        is an orphan; the sweeper reverses an orphan it had to write itself.)"""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.sweeper_grace_ms / 2000
-        delay_s = 0.05
-        while loop.time() < deadline:
-            try:
-                await self.cache.abandon(
-                    wallet_id=wallet_id,
-                    idempotency_key=idempotency_key,
-                    entry_id=entry_id,
-                    outbox_id=outbox_id,
-                )
-                return
-            except redis.exceptions.RedisError:
-                await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, 1.0)
-        log.error("entry %s: Redis stayed unreachable; the sweeper settles it as an orphan", entry_id)
 
     async def after_commit(self, entries: Sequence[EntryRecord], outcomes: list[Outcome]) -> list[object]:
         """Group-commit hook: settle committed entries in Redis, one script call

@@ -110,6 +110,10 @@ def serve(host: str, port: int, workers: int) -> None:
             loop="uvloop",
             http="httptools",
             access_log=False,
+            # Longer than the idle timeout of common load balancers (60 s), so
+            # the server never closes a kept-alive connection a client or
+            # proxy is about to reuse.
+            timeout_keep_alive=75,
             log_level="warning",
         )
 

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 
+import asyncpg
 import httpx
 import msgspec
 import pytest
@@ -56,6 +57,7 @@ FAULT_ENV = {
     "CENTIME_COMMIT_TIMEOUT_MS": "500",
     "CENTIME_DATABASE_TIMEOUT_MS": "500",
 }
+HOLD_BEFORE_KILL_S = 0.3
 WALLETS = 8
 POOR_WALLET_DEBITS = 40  # one wallet runs dry under the load: some answers are 402
 CONCURRENCY = 16  # more only queues requests in front of the one server process
@@ -73,12 +75,23 @@ async def own(settings: Settings, private_database: str) -> AsyncIterator[tuple[
         await delete_prefix(own.redis_url, own.redis_prefix)
 
 
-async def _load_then_kill(server: Server, keys: Keys, wallet_ids: list[str]) -> list[Answer]:
+async def _load_then_kill(
+    server: Server, keys: Keys, wallet_ids: list[str], database_url: str
+) -> list[Answer]:
     stop = asyncio.Event()
     load = asyncio.create_task(debit_load(server.base_url, keys, wallet_ids, stop, concurrency=CONCURRENCY))
     await asyncio.sleep(LOAD_BEFORE_KILL_S)
-    os.kill(server.process.pid, signal.SIGKILL)
-    await asyncio.to_thread(server.process.wait, 10)
+    # Hold the ledger's inserts for a moment before the kill, so that charges
+    # are sure to wait in the outbox when the process dies (a slow commit).
+    blocker = await asyncpg.connect(database_url)
+    try:
+        async with blocker.transaction():
+            await blocker.execute("LOCK TABLE journal_entries IN SHARE ROW EXCLUSIVE MODE")
+            await asyncio.sleep(HOLD_BEFORE_KILL_S)
+            os.kill(server.process.pid, signal.SIGKILL)
+            await asyncio.to_thread(server.process.wait, 10)
+    finally:
+        await blocker.close()
     stop.set()
     return await asyncio.wait_for(load, 30)
 
@@ -128,7 +141,7 @@ async def test_sigkill_mid_load_loses_nothing(own: tuple[Settings, Keys]) -> Non
         for round_no in range(KILL_ROUNDS_MAX):
             if round_no:
                 servers.append(start_server(settings, **FAULT_ENV))
-            answers += await _load_then_kill(servers[-1], keys, wallet_ids)
+            answers += await _load_then_kill(servers[-1], keys, wallet_ids, settings.database_url)
             orphans = await unsettled(settings)
             print(f"round {round_no}: {dict(summary(answers))}, {orphans} entries left in the outbox")
             if orphans:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import msgspec
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType, Operation, RequestBody, Schema
 
 from centime.errors import InvalidRequest
@@ -91,3 +92,38 @@ def json_body(struct: type) -> type[Operation]:
             self.request_body = body
 
     return WithJsonBody
+
+
+class Problem(msgspec.Struct, kw_only=True):
+    """RFC 9457 problem details, as every error is answered. Some codes add
+    members: `balance_micros` (insufficient_funds), `fields` (invalid_request)."""
+
+    type: str
+    title: str
+    status: int
+    code: str
+    detail: str
+
+
+PROBLEM_DESCRIPTIONS = {
+    400: "invalid_request: the body, a header or a parameter is wrong; `fields` names it",
+    401: "unauthorized: no API key, or an unknown one",
+    402: "insufficient_funds: the balance and overdraft limit cannot cover it; `balance_micros` says what is there",
+    403: "forbidden: the key's scope does not cover this route",
+    404: "wallet_not_found",
+    409: "wallet_exists, idempotency_conflict, request_in_progress, idempotency_key_reversed or wallet_frozen",
+    503: "unavailable: storage did not answer in time; nothing was charged",
+}
+
+
+def problem_responses(*statuses: int) -> dict[int, ResponseSpec]:
+    """OpenAPI entries for the problems a route can answer."""
+    return {
+        status: ResponseSpec(
+            data_container=Problem,
+            description=PROBLEM_DESCRIPTIONS[status],
+            media_type="application/problem+json",
+            generate_examples=False,
+        )
+        for status in statuses
+    }

@@ -9,7 +9,7 @@ from litestar import Controller, Response, get, post
 from litestar.params import Parameter
 
 from centime.errors import InvalidRequest
-from centime.wire import decode_body, json_body
+from centime.wire import decode_body, json_body, problem_responses
 from wallet.schemas import (
     IDEMPOTENCY_KEY_CHARS_MAX,
     PAGE_SIZE_DEFAULT,
@@ -44,17 +44,33 @@ class WalletController(Controller):
     path = "/v1/wallets"
     tags = ["wallets"]
 
-    @post("/", opt={"scope": "admin"}, summary="Create a wallet", operation_class=json_body(CreateWallet))
+    @post(
+        "/",
+        opt={"scope": "admin"},
+        summary="Create a wallet",
+        operation_class=json_body(CreateWallet),
+        responses=problem_responses(400, 401, 403, 409, 503),
+    )
     async def create_wallet(self, body: bytes, wallets: Wallets) -> Wallet:
         return await wallets.create_wallet(decode_body(body, CreateWallet))
 
-    @get("/", opt={"scope": "read"}, summary="List an owner's wallets")
+    @get(
+        "/",
+        opt={"scope": "read"},
+        summary="List an owner's wallets",
+        responses=problem_responses(400, 401, 503),
+    )
     async def list_wallets(
         self, wallets: Wallets, owner_id: Annotated[str, Parameter(min_length=1, max_length=128)]
     ) -> WalletList:
         return WalletList(data=await wallets.list_wallets(owner_id))
 
-    @get("/{wallet_id:str}", opt={"scope": "read"}, summary="Get a wallet")
+    @get(
+        "/{wallet_id:str}",
+        opt={"scope": "read"},
+        summary="Get a wallet",
+        responses=problem_responses(401, 404, 503),
+    )
     async def get_wallet(self, wallet_id: str, wallets: Wallets) -> Wallet:
         return await wallets.get_wallet(parse_wallet_id(wallet_id))
 
@@ -63,6 +79,7 @@ class WalletController(Controller):
         opt={"scope": "debit"},
         summary="Debit a wallet",
         status_code=201,
+        responses=problem_responses(400, 401, 402, 403, 404, 409, 503),
         operation_class=json_body(CreateDebit),
     )
     async def create_debit(
@@ -84,6 +101,7 @@ class WalletController(Controller):
         opt={"scope": "admin"},
         summary="Credit a wallet (grants, adjustments)",
         status_code=201,
+        responses=problem_responses(400, 401, 403, 404, 409, 503),
         operation_class=json_body(CreateCredit),
     )
     async def create_credit(
@@ -104,6 +122,7 @@ class WalletController(Controller):
         "/{wallet_id:str}/entries",
         opt={"scope": "read"},
         summary="List a wallet's entries, newest first",
+        responses=problem_responses(400, 401, 404, 503),
     )
     async def list_entries(
         self,

@@ -134,7 +134,10 @@ async def test_health_and_schema(client: httpx.AsyncClient) -> None:
     assert (await client.get("/healthz")).status_code == 200
     assert (await client.get("/readyz")).status_code == 200
     schema = (await client.get("/schema/openapi.json")).json()
-    assert "/v1/wallets/{wallet_id}/debits" in schema["paths"]
+    debit = schema["paths"]["/v1/wallets/{wallet_id}/debits"]["post"]
+    assert debit["requestBody"]["content"]["application/json"]["schema"]["required"] == ["amount_micros"]
+    assert set(debit["responses"]) >= {"201", "400", "401", "402", "403", "404", "409", "503"}
+    assert "application/problem+json" in debit["responses"]["402"]["content"]
     metrics = (await client.get("/metrics")).text
     assert "centime_debit_latency_seconds" in metrics
     assert "centime_commit_batch_entries" in metrics

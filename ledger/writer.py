@@ -25,6 +25,7 @@ import asyncpg
 import msgspec
 
 from ledger import repo
+from ledger.accounts import reversal_id_for, reversal_of
 from ledger.schemas import EntryRecord, KeyHolder
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,8 @@ async def write_entries(
     try:
         return await _outcomes(conn, entries, written)
     except Exception as exc:
-        # The insert has committed: what failed is only our reading of it.
+        # The insert went through (and, outside a transaction, committed):
+        # what failed is only our reading of it.
         raise CommitFailed(
             f"reading the outcome of a committed write failed: {exc!r}", definite=False
         ) from exc
@@ -105,6 +107,18 @@ async def _outcomes(
                 raise CommitFailed(f"entry {entry.id} was refused for an unknown conflict", definite=True)
             outcomes.append(KeyTaken(holder))
     return outcomes
+
+
+async def write_with_reversal(conn: asyncpg.Connection, entry: EntryRecord, *, timeout_s: float) -> Outcome:
+    """Write an entry (idempotent by id) and, if the ledger then holds it,
+    its reversal (deterministic id), in one transaction: nobody ever sees the
+    entry without its reversal. KeyTaken: the key belongs to another entry,
+    ours was not written, and nothing is reversed."""
+    async with conn.transaction():
+        (outcome,) = await write_entries(conn, [entry], timeout_s=timeout_s)
+        if isinstance(outcome, Committed):
+            await write_entries(conn, [reversal_of(entry, reversal_id_for(entry.id))], timeout_s=timeout_s)
+    return outcome
 
 
 AfterCommit = Callable[[Sequence[EntryRecord], list[Outcome]], Awaitable[list[object]]]

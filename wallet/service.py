@@ -30,10 +30,18 @@ from centime.errors import InvalidRequest, Unavailable, invariant
 from centime.money import AMOUNT_MICROS_MAX, is_supported_currency
 from centime.settings import Settings
 from ledger import repo as ledger_repo
-from ledger.accounts import credit_lines, debit_lines, reversal_id_for, reversal_of
+from ledger.accounts import credit_lines, debit_lines
 from ledger.ids import uuid7
 from ledger.schemas import EntryRecord, KeyHolder
-from ledger.writer import CommitFailed, Committed, KeyTaken, LedgerWriter, Outcome, QueueFull, write_entries
+from ledger.writer import (
+    CommitFailed,
+    Committed,
+    KeyTaken,
+    LedgerWriter,
+    Outcome,
+    QueueFull,
+    write_with_reversal,
+)
 from wallet import repo
 from wallet.cache import Cache, CachedWallet, Settling, Undo
 from wallet.errors import (
@@ -421,7 +429,7 @@ class Wallets:
         try:
             await self.cache.compensate(
                 wallet_id=entry.wallet_id,
-                idempotency_key=entry.idempotency_key or "",
+                idempotency_key=payload_key(entry),
                 outbox_id=charge.outbox_id,
                 undo=undo(charge),
                 entry_id=entry.id,
@@ -460,11 +468,8 @@ class Wallets:
         """Write the entry and its reversal, atomically. False if Postgres failed too."""
         entry = charge.entry
         try:
-            async with self.pool.acquire(timeout=self._database_timeout_s) as conn, conn.transaction():
-                (outcome,) = await write_entries(conn, [entry], timeout_s=self._database_timeout_s)
-                if isinstance(outcome, Committed):
-                    reversal = reversal_of(entry, reversal_id_for(entry.id))
-                    await write_entries(conn, [reversal], timeout_s=self._database_timeout_s)
+            async with self.pool.acquire(timeout=self._database_timeout_s) as conn:
+                outcome = await write_with_reversal(conn, entry, timeout_s=self._database_timeout_s)
             return isinstance(outcome, Committed)
         except Exception as exc:  # Postgres and Redis both failing: see docs/architecture.md
             log.error(

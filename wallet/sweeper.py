@@ -28,10 +28,9 @@ import msgspec
 
 from centime.settings import Settings
 from ledger import repo as ledger_repo
-from ledger.accounts import reversal_id_for, reversal_of
-from ledger.writer import Committed, Outcome, is_definite_failure, write_entries
+from ledger.writer import Committed, Outcome, is_definite_failure, write_with_reversal
 from wallet.cache import Cache, Settling
-from wallet.service import Charge, decode_payload, record_from_payload, settling, undo
+from wallet.service import Charge, decode_payload, payload_key, record_from_payload, settling, undo
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +132,7 @@ async def _settle_orphans(
             continue
         claimed = await cache.abandon(
             wallet_id=entry.wallet_id,
-            idempotency_key=entry.idempotency_key or "",
+            idempotency_key=payload_key(entry),
             entry_id=entry.id,
             outbox_id=charge.outbox_id,
         )
@@ -159,12 +158,8 @@ async def _settle_abandoned(
     entry = charge.entry
     outcome: Outcome | None
     try:
-        async with pool.acquire(timeout=timeout_s) as conn, conn.transaction():
-            (outcome,) = await write_entries(conn, [entry], timeout_s=timeout_s)
-            if isinstance(outcome, Committed):
-                await write_entries(
-                    conn, [reversal_of(entry, reversal_id_for(entry.id))], timeout_s=timeout_s
-                )
+        async with pool.acquire(timeout=timeout_s) as conn:
+            outcome = await write_with_reversal(conn, entry, timeout_s=timeout_s)
     except Exception as exc:
         if not is_definite_failure(exc):
             raise
@@ -174,7 +169,7 @@ async def _settle_abandoned(
     written = isinstance(outcome, Committed)
     undone = await cache.settle_reversed(
         wallet_id=entry.wallet_id,
-        idempotency_key=entry.idempotency_key or "",
+        idempotency_key=payload_key(entry),
         entry_id=entry.id,
         undo=undo(charge),
         mark_reversed=written,

@@ -11,6 +11,7 @@ import contextlib
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 
 import asyncpg
 import msgspec
@@ -21,11 +22,14 @@ from conftest import free_port
 from centime.errors import Unavailable
 from centime.settings import Settings
 from ledger import repo as ledger_repo
-from ledger.writer import LedgerWriter, write_entries
+from ledger.accounts import debit_lines, reversal_id_for, reversal_of
+from ledger.ids import uuid7
+from ledger.writer import LedgerWriter, write_entries, write_with_reversal
 from wallet.cache import Cache
 from wallet.errors import IdempotencyKeyReversed
-from wallet.schemas import CreateWallet
-from wallet.service import Wallets
+from wallet.maintenance import rebuild_cache
+from wallet.schemas import CreateWallet, EntryPayload
+from wallet.service import Wallets, request_hash, settling, undo
 from wallet.sweeper import sweep_once
 
 
@@ -212,13 +216,7 @@ async def test_a_key_redis_forgot_is_recognised_by_the_ledger(harness: Harness) 
         await good_writer.stop()
 
 
-def _payload(wallet_id: uuid.UUID, key: str):  # type: ignore[no-untyped-def]
-    from datetime import UTC, datetime
-
-    from ledger.ids import uuid7
-    from wallet.schemas import EntryPayload
-    from wallet.service import request_hash
-
+def _payload(wallet_id: uuid.UUID, key: str) -> EntryPayload:
     return EntryPayload(
         id=uuid7(),
         wallet_id=wallet_id,
@@ -233,8 +231,6 @@ def _payload(wallet_id: uuid.UUID, key: str):  # type: ignore[no-untyped-def]
 
 
 async def test_rebuild_cache_restores_balances_and_recent_keys(harness: Harness) -> None:
-    from wallet.maintenance import rebuild_cache
-    from wallet.service import request_hash
 
     good, good_writer = harness.wallets()
     try:
@@ -271,16 +267,14 @@ async def test_rebuild_cache_restores_balances_and_recent_keys(harness: Harness)
 
 
 async def test_an_orphan_its_request_reversed_in_the_ledger_is_undone(harness: Harness) -> None:
-    from ledger.accounts import reversal_id_for, reversal_of
 
     good, good_writer = harness.wallets()
     wallet_id = await funded_wallet(good, 1_000)
     await good_writer.stop()
     # The request answered 503 and, Redis being away, recorded it in the ledger.
     charge = await good._charge(_payload(wallet_id, "stalled"))
-    async with harness.pool.acquire() as conn, conn.transaction():
-        await write_entries(conn, [charge.entry], timeout_s=2)
-        await write_entries(conn, [reversal_of(charge.entry, reversal_id_for(charge.entry.id))], timeout_s=2)
+    async with harness.pool.acquire() as conn:
+        await write_with_reversal(conn, charge.entry, timeout_s=2)
     report = await sweep_once(harness.pool, harness.cache, harness.settings, grace_ms=0)
     assert report.orphans_reversed == 1 and report.orphans_committed == 0, report
     assert await redis_balance(harness, wallet_id) == 1_000 == await ledger_balance(harness, wallet_id)
@@ -290,8 +284,6 @@ async def test_an_orphan_its_request_reversed_in_the_ledger_is_undone(harness: H
 
 @pytest.mark.parametrize("kind", ["debit", "credit"])
 async def test_undo_reversed_reaches_a_charge_the_writer_had_settled(harness: Harness, kind: str) -> None:
-    from ledger.accounts import reversal_id_for, reversal_of
-    from wallet.service import settling, undo
 
     good, good_writer = harness.wallets()
     try:
@@ -322,8 +314,6 @@ async def test_undo_reversed_reaches_a_charge_the_writer_had_settled(harness: Ha
 
 
 async def test_rebuild_cache_corrects_a_stale_record_of_a_reversed_entry(harness: Harness) -> None:
-    from ledger.accounts import reversal_id_for, reversal_of
-    from wallet.maintenance import rebuild_cache
 
     good, good_writer = harness.wallets()
     try:
@@ -334,7 +324,6 @@ async def test_rebuild_cache_corrects_a_stale_record_of_a_reversed_entry(harness
     # An old snapshot still says `ok` for an entry the ledger has since reversed.
     async with harness.pool.acquire() as conn:
         record = (await ledger_repo.entries_by_id(conn, [entry.id]))[entry.id]
-        from ledger.accounts import debit_lines
 
         full = msgspec.structs.replace(record, lines=debit_lines(wallet_id, "usd", record.amount_micros))
         await write_entries(conn, [reversal_of(full, reversal_id_for(entry.id))], timeout_s=2)

@@ -28,6 +28,15 @@ from wallet.cache import Cache
 AMOUNT_MICROS = 1_000
 SETTLE_TIMEOUT_S = 30.0
 
+# Short settling windows so the sweeper acts within a test. Settings require
+# grace >= commit + Redis (1000 ms) + 3 x database timeout.
+FAULT_ENV = {
+    "CENTIME_SWEEPER_GRACE_MS": "3000",
+    "CENTIME_SWEEPER_INTERVAL_MS": "200",
+    "CENTIME_COMMIT_TIMEOUT_MS": "500",
+    "CENTIME_DATABASE_TIMEOUT_MS": "500",
+}
+
 
 def unique_prefix() -> str:
     """A Redis key prefix of the test's own: outboxes are per prefix, so a

@@ -33,6 +33,7 @@ from conftest import (
 )
 from fault_support import (
     AMOUNT_MICROS,
+    FAULT_ENV,
     Answer,
     classify,
     debit_load,
@@ -50,13 +51,6 @@ from centime.settings import Settings
 
 pytestmark = pytest.mark.faults
 
-# Settings validation: grace >= commit + Redis (1000 ms) + 3 x database timeout.
-FAULT_ENV = {
-    "CENTIME_SWEEPER_GRACE_MS": "3000",
-    "CENTIME_SWEEPER_INTERVAL_MS": "200",
-    "CENTIME_COMMIT_TIMEOUT_MS": "500",
-    "CENTIME_DATABASE_TIMEOUT_MS": "500",
-}
 HOLD_BEFORE_KILL_S = 0.3
 WALLETS = 8
 POOR_WALLET_DEBITS = 40  # one wallet runs dry under the load: some answers are 402

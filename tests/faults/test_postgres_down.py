@@ -45,6 +45,9 @@ from fault_support import (
     unique_prefix,
     wait_settled,
 )
+from fault_support import (
+    FAULT_ENV as SHARED_FAULT_ENV,
+)
 
 from centime.migrate import migrate
 from centime.settings import Settings
@@ -58,10 +61,7 @@ pytestmark = [
     ),
 ]
 FAULT_ENV = {
-    "CENTIME_SWEEPER_GRACE_MS": "3000",
-    "CENTIME_SWEEPER_INTERVAL_MS": "200",
-    "CENTIME_COMMIT_TIMEOUT_MS": "500",
-    "CENTIME_DATABASE_TIMEOUT_MS": "500",
+    **SHARED_FAULT_ENV,
     # Shorter than the outage, so requests look their API key up while
     # Postgres is down, as in any outage longer than the default 10 s.
     "CENTIME_API_KEY_CACHE_TTL_S": "1",

@@ -18,6 +18,7 @@ import pytest
 from conftest import Keys, Server, make_keys, new_wallet, run_cli, start_server, stop_server
 from fault_support import (
     AMOUNT_MICROS,
+    FAULT_ENV,
     RedisServer,
     classify,
     debit_load,
@@ -34,12 +35,6 @@ from centime.settings import Settings
 
 pytestmark = pytest.mark.faults
 
-FAULT_ENV = {
-    "CENTIME_SWEEPER_GRACE_MS": "3000",
-    "CENTIME_SWEEPER_INTERVAL_MS": "200",
-    "CENTIME_COMMIT_TIMEOUT_MS": "500",
-    "CENTIME_DATABASE_TIMEOUT_MS": "500",
-}
 # Longer than the request's Redis timeout (1 s) plus the time it keeps trying
 # to hand an unanswered charge to the sweeper (sweeper_grace_ms / 2).
 STALL_S = 5.0

@@ -642,6 +642,30 @@ async def test_compensate_does_not_recreate_a_deleted_wallet(cache: Cache, kind:
     assert (await apply(cache, wallet_id, 300, kind=kind, key="k")).reply == ["missing"]
 
 
+async def assert_settled_reversed(
+    cache: Cache, applied: Applied, *, mark_reversed: bool, request_hash: str = "h"
+) -> None:
+    """After settle_reversed: no longer abandoned; the key answers `reversed`
+    (marked) or is gone (forgotten); a second settle undoes nothing."""
+    wallet_id = applied.wallet_id
+    assert not await cache.is_abandoned(wallet_id, applied.entry_id)
+    record_key = cache.idempotency_key(wallet_id, applied.key)
+    if mark_reversed:
+        assert await cache.client.hget(record_key, "st") == b"reversed"
+        replayed = await apply(
+            cache,
+            wallet_id,
+            applied.amount_micros,
+            kind=applied.kind,
+            key=applied.key,
+            request_hash=request_hash,
+        )
+        assert replayed.reply == ["reversed", applied.payload.decode()]
+    else:
+        assert await cache.client.exists(record_key) == 0
+    assert await settle_reversed(cache, applied, mark_reversed=mark_reversed) is False
+
+
 # abandon.lua and settle_reversed.lua -----------------------------------------
 
 
@@ -735,15 +759,7 @@ async def test_settle_reversed_does_not_recreate_a_deleted_wallet(
 
     assert await settle_reversed(cache, applied, mark_reversed=mark_reversed) is True
     assert await cache.client.exists(cache.wallet_key(wallet_id)) == 0
-    assert not await cache.is_abandoned(wallet_id, applied.entry_id)
-    record_key = cache.idempotency_key(wallet_id, "k")
-    if mark_reversed:
-        assert await cache.client.hget(record_key, "st") == b"reversed"
-        replayed = await apply(cache, wallet_id, 300, kind=kind, key="k", request_hash="h")
-        assert replayed.reply == ["reversed", applied.payload.decode()]
-    else:
-        assert await cache.client.exists(record_key) == 0
-    assert await settle_reversed(cache, applied, mark_reversed=mark_reversed) is False
+    await assert_settled_reversed(cache, applied, mark_reversed=mark_reversed)
     assert await cache.client.exists(cache.wallet_key(wallet_id)) == 0
 
 
@@ -964,15 +980,7 @@ async def test_settle_reversed_of_a_charge_made_before_a_reload_leaves_the_reloa
         "s": "active",
         "c": "usd",
     }
-    assert not await cache.is_abandoned(wallet_id, applied.entry_id)
-    record_key = cache.idempotency_key(wallet_id, "k")
-    if mark_reversed:
-        assert await cache.client.hget(record_key, "st") == b"reversed"
-        replayed = await apply(cache, wallet_id, 300, kind=kind, key="k", request_hash="h")
-        assert replayed.reply == ["reversed", applied.payload.decode()]
-    else:
-        assert await cache.client.exists(record_key) == 0
-    assert await settle_reversed(cache, applied, mark_reversed=mark_reversed) is False
+    await assert_settled_reversed(cache, applied, mark_reversed=mark_reversed)
     assert await balance_text(cache, wallet_id) == b"1000"
     assert await pending_text(cache, wallet_id) == b"0"
 

@@ -32,6 +32,9 @@ from centime.auth import KeyStore, require_scope
 from centime.errors import CentimeError
 from centime.settings import Settings, load_settings
 from ledger.writer import LedgerWriter
+from topup.api import CheckoutController, TopUpController
+from topup.gateway import StripeGateway
+from topup.service import TopUps
 from wallet.api import WalletController
 from wallet.cache import Cache
 from wallet.service import Wallets
@@ -146,6 +149,22 @@ async def _wallets(state: State) -> Wallets:
     return state.wallets
 
 
+async def _topups(state: State) -> TopUps:
+    return state.topups
+
+
+def stripe_gateway(settings: Settings) -> StripeGateway | None:
+    """The Stripe client, or None when no secret key is set (top-ups off)."""
+    if settings.stripe_secret_key is None:
+        return None
+    return StripeGateway(
+        secret_key=settings.stripe_secret_key,
+        webhook_secret=settings.stripe_webhook_secret,
+        api_base=settings.stripe_api_base,
+        timeout_ms=settings.stripe_timeout_ms,
+    )
+
+
 @get("/healthz", include_in_schema=False, media_type=MediaType.TEXT)
 async def healthz() -> str:
     return "ok"
@@ -227,10 +246,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
             observe_batch=metrics.commit_batch_entries.observe,
         )
         wallets = Wallets(pool=pool, cache=cache, writer=writer, settings=settings)
+        gateway = stripe_gateway(settings)
         app.state.update(
             pool=pool,
             cache=cache,
             wallets=wallets,
+            topups=TopUps(pool=pool, cache=cache, gateway=gateway, settings=settings),
             key_store=KeyStore(pool, settings.api_key_cache_ttl_s),
         )
         writer.start()
@@ -249,15 +270,24 @@ def create_app(settings: Settings | None = None) -> Litestar:
             if sweeper is not None:
                 await sweeper
             await writer.stop()
+            if gateway is not None:
+                await gateway.close()
             await client.aclose()
             await pool.close()
 
     return Litestar(
-        route_handlers=[WalletController, healthz, readyz, metrics_endpoint],
+        route_handlers=[
+            WalletController,
+            TopUpController,
+            CheckoutController,
+            healthz,
+            readyz,
+            metrics_endpoint,
+        ],
         lifespan=[lifespan],
         guards=[require_scope],
         middleware=[count_requests],
-        dependencies={"wallets": Provide(_wallets)},
+        dependencies={"wallets": Provide(_wallets), "topups": Provide(_topups)},
         exception_handlers={
             CentimeError: _centime_error,
             ValidationException: _validation_error,

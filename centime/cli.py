@@ -252,5 +252,9 @@ def check() -> None:
         click.echo(
             f"note: {report.unsettled_entries} entries are not settled yet (outbox); balances may differ until the sweeper runs"
         )
+    if report.unapplied_changes:
+        click.echo(
+            f"note: {report.unapplied_changes} wallet changes (top-ups, refunds, disputes) are not applied to Redis yet; balances may differ until the sweeper runs"
+        )
     click.echo(f"{'ok' if report.ok else 'FAILED'}: {report.wallets_checked} wallets checked")
     sys.exit(0 if report.ok else 1)

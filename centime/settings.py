@@ -9,6 +9,8 @@ from typing import Annotated, Any
 
 import msgspec
 
+from centime.money import AMOUNT_MICROS_MAX
+
 ENV_PREFIX = "CENTIME_"
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
@@ -41,6 +43,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # API keys are cached in-process this long after a lookup.
     api_key_cache_ttl_s: Annotated[int, msgspec.Meta(ge=0, le=3600)] = 10
     log_level: Annotated[str, msgspec.Meta(pattern="^(DEBUG|INFO|WARNING|ERROR)$")] = "INFO"
+    # Top-ups through Stripe. Without a secret key, the top-up routes answer 503.
+    stripe_secret_key: Annotated[str, msgspec.Meta(pattern="^(sk|rk)_[A-Za-z0-9_]{1,250}$")] | None = None
+    stripe_publishable_key: Annotated[str, msgspec.Meta(pattern="^pk_[A-Za-z0-9_]{1,250}$")] | None = None
+    stripe_webhook_secret: Annotated[str, msgspec.Meta(min_length=1, max_length=255)] | None = None
+    stripe_api_base: Annotated[str, msgspec.Meta(pattern="^https?://[^/]+$")] = "https://api.stripe.com"
+    stripe_js_url: Annotated[str, msgspec.Meta(pattern="^https?://")] = "https://js.stripe.com/v3/"
+    stripe_timeout_ms: Annotated[int, msgspec.Meta(ge=100, le=80_000)] = 10_000
+    # A top-up's amount, in micros of the currency's major unit (0.50 to 10,000.00).
+    topup_min_micros: Annotated[int, msgspec.Meta(ge=1, le=AMOUNT_MICROS_MAX)] = 500_000
+    topup_max_micros: Annotated[int, msgspec.Meta(ge=1, le=AMOUNT_MICROS_MAX)] = 10_000_000_000
 
 
 class SettingsError(Exception):
@@ -86,5 +98,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             f"settling window: at least max(2 x ({_env_name('commit_timeout_ms')} + {_env_name('redis_timeout_ms')}), "
             f"{_env_name('commit_timeout_ms')} + {_env_name('redis_timeout_ms')} + 3 x "
             f"{_env_name('database_timeout_ms')}) = {request_window_ms}"
+        )
+    if settings.topup_min_micros > settings.topup_max_micros:
+        raise SettingsError(
+            f"{_env_name('topup_min_micros')}={settings.topup_min_micros} exceeds "
+            f"{_env_name('topup_max_micros')}={settings.topup_max_micros}"
         )
     return settings

@@ -110,9 +110,10 @@ PROBLEM_DESCRIPTIONS = {
     401: "unauthorized: no API key, or an unknown one",
     402: "insufficient_funds: the balance and overdraft limit cannot cover it; `balance_micros` says what is there",
     403: "forbidden: the key's scope does not cover this route",
-    404: "wallet_not_found",
+    404: "wallet_not_found or topup_not_found",
     409: "wallet_exists, idempotency_conflict, request_in_progress, idempotency_key_reversed or wallet_frozen",
-    503: "unavailable: storage did not answer in time; nothing was charged",
+    502: "stripe_refused: Stripe refused a request centime made (a configuration problem, logged)",
+    503: "unavailable (storage did not answer in time; nothing was charged), stripe_unavailable or topups_disabled",
 }
 
 

@@ -42,6 +42,56 @@ def credit_lines(wallet_id: uuid.UUID, currency: str, amount_micros: int) -> tup
     )
 
 
+def _nonzero(*lines: Line) -> tuple[Line, ...]:
+    kept = tuple(line for line in lines if line.amount_micros != 0)
+    invariant(len(kept) >= 2, f"an entry needs two or more non-zero lines, not {kept}")
+    return kept
+
+
+def topup_lines(wallet_id: uuid.UUID, currency: str, gross_micros: int, fee_micros: int) -> tuple[Line, ...]:
+    """A card payment: Stripe holds the net for us, its fee is our expense,
+    and we owe the user the gross."""
+    invariant(0 <= fee_micros <= gross_micros, f"fee {fee_micros} outside 0..{gross_micros}")
+    return _nonzero(
+        Line(system_account_id("stripe_clearing", currency), gross_micros - fee_micros),
+        Line(system_account_id("stripe_fees", currency), fee_micros),
+        Line(wallet_id, -gross_micros),
+    )
+
+
+def topup_refund_lines(wallet_id: uuid.UUID, currency: str, amount_micros: int) -> tuple[Line, ...]:
+    """Stripe pays the card back: we owe the user that much less (the wallet
+    may go below zero; Stripe keeps its fee)."""
+    return _nonzero(
+        Line(wallet_id, amount_micros),
+        Line(system_account_id("stripe_clearing", currency), -amount_micros),
+    )
+
+
+def dispute_opened_lines(wallet_id: uuid.UUID, currency: str, amount_micros: int) -> tuple[Line, ...]:
+    """The disputed amount leaves the wallet and waits in the disputes account."""
+    return _nonzero(
+        Line(wallet_id, amount_micros),
+        Line(system_account_id("disputes", currency), -amount_micros),
+    )
+
+
+def dispute_won_lines(wallet_id: uuid.UUID, currency: str, amount_micros: int) -> tuple[Line, ...]:
+    """The dispute is won: the amount goes back to the wallet."""
+    return _nonzero(
+        Line(system_account_id("disputes", currency), amount_micros),
+        Line(wallet_id, -amount_micros),
+    )
+
+
+def dispute_lost_lines(currency: str, amount_micros: int) -> tuple[Line, ...]:
+    """The dispute is lost: Stripe returned the amount to the cardholder."""
+    return _nonzero(
+        Line(system_account_id("disputes", currency), amount_micros),
+        Line(system_account_id("stripe_clearing", currency), -amount_micros),
+    )
+
+
 def reversal_of(entry: EntryRecord, reversal_id: uuid.UUID) -> EntryRecord:
     """The entry that undoes `entry`: the same lines, negated."""
     invariant(len(entry.lines) >= 2, f"entry {entry.id} has no lines to reverse")

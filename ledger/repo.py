@@ -55,6 +55,7 @@ async def insert_entries(
         line_accounts,
         line_currencies,
         line_amounts,
+        [e.stripe_object_id for e in entries],
         timeout=timeout_s,
     )
     return {row["id"] for row in rows}
@@ -83,6 +84,7 @@ def _record(row: asyncpg.Record) -> EntryRecord:
         description=row["description"],
         metadata=_metadata_decoder.decode(row["metadata"]),
         created_at=row["created_at"],
+        stripe_object_id=row["stripe_object_id"],
     )
 
 

@@ -8,7 +8,17 @@ from typing import Literal
 
 import msgspec
 
-EntryKind = Literal["debit", "credit", "reversal"]
+EntryKind = Literal[
+    "debit",
+    "credit",
+    "reversal",
+    # Postgres first: what Stripe moved (topup/service.py).
+    "topup",
+    "topup_refund",
+    "dispute_opened",
+    "dispute_won",
+    "dispute_lost",
+]
 
 
 class Line(msgspec.Struct, frozen=True):
@@ -31,6 +41,7 @@ class EntryRecord(msgspec.Struct, frozen=True, kw_only=True):
     description: str | None = None
     metadata: dict[str, str] = {}
     created_at: datetime
+    stripe_object_id: str | None = None
     lines: tuple[Line, ...] = ()
 
 

@@ -25,6 +25,7 @@ import httpx
 import msgspec
 import pytest
 import redis.asyncio as redis
+from stripe_support import FakeStripe, register_webhook, start_fake_stripe
 
 from centime.auth import create_api_key
 from centime.migrate import migrate
@@ -294,3 +295,47 @@ def run_cli(settings: Settings, *args: str, timeout_s: float = 120) -> subproces
         text=True,
         timeout=timeout_s,
     )
+
+
+# Stripe: localstripe over real HTTP (tests/fake_stripe.py) -------------------------
+
+STRIPE_FEE_BPS = 290
+STRIPE_FEE_FIXED_MINOR = 30
+STRIPE_WEBHOOK_SECRET = f"whsec_test_{RUN_ID}"
+
+
+@pytest.fixture(scope="session")
+def fake_stripe() -> Iterator[FakeStripe]:
+    """One fake Stripe for the run, charging 2.9% + 30 minor units per charge."""
+    fake = start_fake_stripe(fee_bps=STRIPE_FEE_BPS, fee_fixed_minor=STRIPE_FEE_FIXED_MINOR)
+    yield fake
+    fake.stop()
+
+
+def with_stripe(settings: Settings, fake: FakeStripe) -> Settings:
+    return msgspec.structs.replace(
+        settings,
+        stripe_secret_key="sk_test_centime",
+        stripe_publishable_key="pk_test_centime",
+        stripe_webhook_secret=STRIPE_WEBHOOK_SECRET,
+        stripe_api_base=fake.base_url,
+    )
+
+
+@pytest.fixture(scope="session")
+def stripe_settings(settings: Settings, fake_stripe: FakeStripe) -> Settings:
+    return with_stripe(settings, fake_stripe)
+
+
+@pytest.fixture(scope="session")
+def stripe_server(stripe_settings: Settings, fake_stripe: FakeStripe) -> Iterator[Server]:
+    """centime with top-ups on, the fake Stripe's webhooks pointed at it."""
+    running = start_server(stripe_settings)
+    register_webhook(
+        fake_stripe.base_url,
+        running.base_url + "/v1/webhooks/stripe",
+        STRIPE_WEBHOOK_SECRET,
+        webhook_id=f"centime-{running.port}",
+    )
+    yield running
+    stop_server(running)

@@ -28,6 +28,7 @@ SCRIPTS = (
     "load_wallet",
     "restore_key",
     "undo_reversed",
+    "apply_changes",
 )
 
 
@@ -36,6 +37,16 @@ class CachedWallet(msgspec.Struct, frozen=True):
     overdraft_limit_micros: int
     status: str
     currency: str
+    change_seq: int = 0
+    """The last Postgres-first change (wallet/changes.py) the balance includes."""
+
+
+class WalletChange(msgspec.Struct, frozen=True):
+    """A Postgres-first change to apply to a wallet in Redis, once."""
+
+    seq: int
+    delta_micros: int
+    status: str | None
 
 
 class Undo(msgspec.Struct, frozen=True):
@@ -198,8 +209,18 @@ class Cache:
             wallet.currency,
             "1" if overwrite else "0",
             secrets.token_hex(8),  # a new epoch: undos of earlier charges skip this wallet
+            wallet.change_seq,
         ]
         return await self._run("load_wallet", [self.wallet_key(wallet_id)], args) == 1
+
+    async def apply_changes(self, wallet_id: uuid.UUID, changes: Sequence[WalletChange]) -> int | None:
+        """Apply changes in seq order, each once. Returns the last change now
+        applied, or None when the wallet is not in Redis (load it first)."""
+        args: list[Any] = []
+        for change in changes:
+            args += [change.seq, change.delta_micros, change.status or ""]
+        result = await self._run("apply_changes", [self.wallet_key(wallet_id)], args)
+        return None if result[0] == b"missing" else int(result[1])
 
     async def undo_reversed(self, *, idempotency_key: str, settling: Settling, undo: Undo) -> bool:
         """Undo a charge the ledger has reversed, wherever it stands in Redis."""

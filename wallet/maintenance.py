@@ -31,6 +31,7 @@ class CheckReport(msgspec.Struct, kw_only=True):
     reversals_mismatched: list[str] = []
     wallets_drifted: list[str] = []
     unsettled_entries: int = 0
+    unapplied_changes: int = 0
 
     @property
     def ok(self) -> bool:
@@ -60,7 +61,9 @@ async def rebuild_cache(
             page = await repo.wallets_page(conn, after, WALLETS_PAGE_SIZE)
         for item in page:
             w = item.wallet
-            cached = CachedWallet(item.balance_micros, w.overdraft_limit_micros, w.status, w.currency)
+            cached = CachedWallet(
+                item.balance_micros, w.overdraft_limit_micros, w.status, w.currency, item.change_seq
+            )
             await cache.load_wallet(w.id, cached, overwrite=True)
         report.wallets += len(page)
         if progress is not None:
@@ -105,6 +108,8 @@ async def check(pool: asyncpg.Pool, cache: Cache, *, progress: Progress | None =
             f"reversal {r}" for r in await ledger_repo.mismatched_reversals(conn, PROBLEMS_MAX)
         ]
     report.unsettled_entries = await cache.outbox_depth()
+    async with pool.acquire() as conn:
+        report.unapplied_changes = await repo.changes_count(conn)
     after: uuid.UUID | None = None
     while True:
         async with pool.acquire() as conn:

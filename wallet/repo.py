@@ -9,6 +9,7 @@ import asyncpg
 import msgspec
 
 from centime.sql import load_queries
+from wallet.cache import CachedWallet, WalletChange
 
 Q = load_queries("wallet")
 
@@ -25,6 +26,7 @@ class WalletRow(msgspec.Struct, frozen=True, kw_only=True):
 class WalletWithBalance(msgspec.Struct, frozen=True, kw_only=True):
     wallet: WalletRow
     balance_micros: int
+    change_seq: int
 
 
 def _row(record: asyncpg.Record) -> WalletRow:
@@ -63,5 +65,53 @@ async def wallets_page(
 ) -> list[WalletWithBalance]:
     records = await conn.fetch(Q["wallets_page"], after_wallet_id, limit)
     return [
-        WalletWithBalance(wallet=_row(record), balance_micros=record["balance_micros"]) for record in records
+        WalletWithBalance(
+            wallet=_row(record), balance_micros=record["balance_micros"], change_seq=record["change_seq"]
+        )
+        for record in records
     ]
+
+
+async def wallet_for_cache(conn: asyncpg.Connection, wallet_id: uuid.UUID) -> CachedWallet | None:
+    record = await conn.fetchrow(Q["wallet_for_cache"], wallet_id)
+    if record is None:
+        return None
+    return CachedWallet(
+        balance_micros=record["balance_micros"],
+        overdraft_limit_micros=record["overdraft_limit_micros"],
+        status=record["status"],
+        currency=record["currency"],
+        change_seq=record["change_seq"],
+    )
+
+
+async def next_change_seq(conn: asyncpg.Connection, wallet_id: uuid.UUID, status: str | None) -> int | None:
+    return await conn.fetchval(Q["next_change_seq"], wallet_id, status)
+
+
+async def insert_change(
+    conn: asyncpg.Connection,
+    wallet_id: uuid.UUID,
+    seq: int,
+    delta_micros: int,
+    status: str | None,
+    entry_id: uuid.UUID | None,
+) -> None:
+    await conn.execute(Q["insert_change"], wallet_id, seq, delta_micros, status, entry_id)
+
+
+async def pending_changes(conn: asyncpg.Connection, wallet_id: uuid.UUID, limit: int) -> list[WalletChange]:
+    records = await conn.fetch(Q["pending_changes"], wallet_id, limit)
+    return [WalletChange(r["seq"], r["delta_micros"], r["status"]) for r in records]
+
+
+async def delete_applied_changes(conn: asyncpg.Connection, wallet_id: uuid.UUID, applied_seq: int) -> None:
+    await conn.execute(Q["delete_applied_changes"], wallet_id, applied_seq)
+
+
+async def wallets_with_changes(conn: asyncpg.Connection, before: datetime, limit: int) -> list[uuid.UUID]:
+    return [r["wallet_id"] for r in await conn.fetch(Q["wallets_with_changes"], before, limit)]
+
+
+async def changes_count(conn: asyncpg.Connection) -> int:
+    return await conn.fetchval(Q["changes_count"])

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from centime.money import AmountMicros, Currency, LimitMicros
+from ledger.schemas import EntryKind
 
 METADATA_KEYS_MAX = 20
 METADATA_KEY_CHARS_MAX = 40
@@ -71,14 +72,17 @@ class WalletList(msgspec.Struct, kw_only=True):
 class Entry(msgspec.Struct, kw_only=True):
     id: uuid.UUID
     wallet_id: uuid.UUID
-    kind: Literal["debit", "credit", "reversal"]
+    kind: EntryKind
     amount_micros: int
     currency: str
+    # The balance right after a debit or credit; None for entries applied to
+    # Redis later (reversals, and what Stripe moved).
     balance_micros: int | None
     idempotency_key: str | None
     description: str | None
     metadata: dict[str, str]
     reverses_entry_id: uuid.UUID | None = None
+    stripe_object_id: str | None = None
     created_at: datetime
 
 

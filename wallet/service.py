@@ -44,6 +44,7 @@ from ledger.writer import (
 )
 from wallet import repo
 from wallet.cache import Cache, CachedWallet, Settling, Undo
+from wallet.changes import load_from_ledger
 from wallet.errors import (
     BalanceTooLarge,
     IdempotencyConflict,
@@ -120,6 +121,7 @@ def to_entry(record: EntryRecord) -> Entry:
         description=record.description,
         metadata=record.metadata,
         reverses_entry_id=record.reverses_entry_id,
+        stripe_object_id=record.stripe_object_id,
         created_at=record.created_at,
     )
 
@@ -235,11 +237,15 @@ class Wallets:
         cached = await self.cache.wallet(row.id)
         if cached is not None:
             return cached
-        balance = await ledger_repo.account_balance(conn, row.id)
-        cached = CachedWallet(balance, row.overdraft_limit_micros, row.status, row.currency)
-        await self.cache.load_wallet(row.id, cached, overwrite=False)
-        log.warning("wallet %s was missing from Redis; loaded balance %d from the ledger", row.id, balance)
-        return await self.cache.wallet(row.id) or cached
+        loaded = await load_from_ledger(conn, self.cache, row.id, overwrite=False)
+        invariant(loaded is not None, f"wallet {row.id} vanished while loading it")
+        assert loaded is not None
+        log.warning(
+            "wallet %s was missing from Redis; loaded balance %d from the ledger",
+            row.id,
+            loaded.balance_micros,
+        )
+        return await self.cache.wallet(row.id) or loaded
 
     async def list_entries(
         self, wallet_id: uuid.UUID, *, limit: int, starting_after: uuid.UUID | None

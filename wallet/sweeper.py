@@ -8,6 +8,8 @@ Each pass settles, per partition and bounded by `sweeper_batch_max`:
   now, no request was ever answered 2xx for it: it is reversed like an
   abandoned entry. So is one its request already reversed in the ledger
   (answered 503 when Redis could not take the abandon). An orphan whose key another entry holds is undone.
+- wallet changes (top-ups, refunds, disputes) committed to Postgres but not
+  yet applied to Redis: their writer died or Redis was down (wallet/changes.py).
 - abandoned entries: their client was answered 503 before the commit's
   outcome was known. Each is written to the ledger with its reversal (both
   idempotent by id), then refunded in Redis once.
@@ -30,6 +32,7 @@ from centime.settings import Settings
 from ledger import repo as ledger_repo
 from ledger.writer import Committed, Outcome, is_definite_failure, write_with_reversal
 from wallet.cache import Cache, Settling
+from wallet.changes import drain_changes
 from wallet.service import Charge, decode_payload, payload_key, record_from_payload, settling, undo
 
 log = logging.getLogger(__name__)
@@ -45,11 +48,16 @@ class SweepReport(msgspec.Struct, kw_only=True):
     abandoned_refunded: int = 0
     refused: int = 0
     unreadable: int = 0
+    changes_applied: int = 0
 
     @property
     def settled(self) -> int:
         return (
-            self.orphans_committed + self.orphans_reversed + self.abandoned_reversed + self.abandoned_refunded
+            self.orphans_committed
+            + self.orphans_reversed
+            + self.abandoned_reversed
+            + self.abandoned_refunded
+            + self.changes_applied
         )
 
 
@@ -108,6 +116,8 @@ async def sweep_once(
         if loop.time() > deadline:
             break
         await _settle_abandoned(pool, cache, charge, report, timeout_s)
+    if loop.time() <= deadline:
+        report.changes_applied = await drain_changes(pool, cache, wallets_max=budget, timeout_s=timeout_s)
     return report
 
 

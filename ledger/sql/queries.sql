@@ -8,16 +8,19 @@
 WITH written AS (
     INSERT INTO journal_entries (
         id, kind, currency, wallet_id, amount_micros, balance_micros,
-        idempotency_key, request_hash, reverses_entry_id, description, metadata, created_at
+        idempotency_key, request_hash, reverses_entry_id, description, metadata, created_at,
+        stripe_object_id
     )
     SELECT e.id, e.kind, e.currency, e.wallet_id, e.amount_micros, e.balance_micros,
            e.idempotency_key, e.request_hash, e.reverses_entry_id, e.description,
-           e.metadata::jsonb, e.created_at
+           e.metadata::jsonb, e.created_at, e.stripe_object_id
       FROM unnest(
                $1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::bigint[], $6::bigint[],
-               $7::text[], $8::text[], $9::uuid[], $10::text[], $11::text[], $12::timestamptz[]
+               $7::text[], $8::text[], $9::uuid[], $10::text[], $11::text[], $12::timestamptz[],
+               $18::text[]
            ) AS e (id, kind, currency, wallet_id, amount_micros, balance_micros,
-                   idempotency_key, request_hash, reverses_entry_id, description, metadata, created_at)
+                   idempotency_key, request_hash, reverses_entry_id, description, metadata, created_at,
+                   stripe_object_id)
     ON CONFLICT DO NOTHING
     RETURNING id
 ), lines AS (
@@ -40,24 +43,26 @@ INSERT INTO accounts (id, kind, currency, wallet_id) VALUES ($1, 'wallet', $2, $
 
 -- name: entries_by_id
 SELECT id, kind, currency, wallet_id, amount_micros, balance_micros, idempotency_key,
-       request_hash, reverses_entry_id, description, metadata::text AS metadata, created_at
+       request_hash, reverses_entry_id, description, metadata::text AS metadata, created_at,
+       stripe_object_id
   FROM journal_entries
  WHERE id = ANY($1::uuid[])
 
 -- name: entry_by_wallet_key
--- The debit or credit that holds this idempotency key in this wallet, and
+-- The debit or credit that holds this API idempotency key in this wallet, and
 -- the id of its reversal, if it has one.
 SELECT e.id, e.kind, e.currency, e.wallet_id, e.amount_micros, e.balance_micros,
        e.idempotency_key, e.request_hash, e.reverses_entry_id, e.description,
-       e.metadata::text AS metadata, e.created_at, r.id AS reversed_by
+       e.metadata::text AS metadata, e.created_at, e.stripe_object_id, r.id AS reversed_by
   FROM journal_entries e
   LEFT JOIN journal_entries r ON r.reverses_entry_id = e.id
- WHERE e.wallet_id = $1 AND e.idempotency_key = $2 AND e.kind <> 'reversal'
+ WHERE e.wallet_id = $1 AND e.idempotency_key = $2 AND e.kind IN ('debit', 'credit')
 
 -- name: wallet_entries_page
 -- Newest first; $2 is the cursor (an entry id, exclusive) or NULL; $3 the limit.
 SELECT id, kind, currency, wallet_id, amount_micros, balance_micros, idempotency_key,
-       request_hash, reverses_entry_id, description, metadata::text AS metadata, created_at
+       request_hash, reverses_entry_id, description, metadata::text AS metadata, created_at,
+       stripe_object_id
   FROM journal_entries
  WHERE wallet_id = $1 AND ($2::uuid IS NULL OR id < $2::uuid)
  ORDER BY id DESC
@@ -102,7 +107,7 @@ SELECT reverses_entry_id AS id FROM journal_entries WHERE reverses_entry_id = AN
 -- the primary key from there, not from the oldest entry.
 SELECT e.id, e.kind, e.currency, e.wallet_id, e.amount_micros, e.balance_micros, e.idempotency_key,
        e.request_hash, e.reverses_entry_id, e.description, e.metadata::text AS metadata, e.created_at,
-       r.id AS reversed_by
+       e.stripe_object_id, r.id AS reversed_by
   FROM journal_entries e
   LEFT JOIN journal_entries r ON r.reverses_entry_id = e.id
  WHERE e.id > $2::uuid AND e.kind IN ('debit', 'credit') AND e.created_at >= $1

@@ -184,10 +184,14 @@ async def epoch_of(cache: Cache, wallet_id: uuid.UUID) -> str:
 
 
 async def wallet_state(cache: Cache, wallet_id: uuid.UUID) -> dict[str, str]:
-    """The wallet hash without its epoch (random per load), which must be there and well formed."""
+    """The wallet hash without its epoch (random per load), which must be there and well formed,
+    and without the last applied change (q), which debits and credits never touch: its own
+    tests are in test_wallet_changes.py."""
     fields = await wallet_fields(cache, wallet_id)
     epoch = fields.pop("e", None)
     assert epoch is not None and _EPOCH.fullmatch(epoch), (epoch, fields)
+    change_seq = fields.pop("q", "0")
+    assert change_seq.isdigit(), fields
     return fields
 
 

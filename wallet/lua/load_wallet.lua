@@ -4,6 +4,8 @@
 -- ARGV[1] balance_micros   ARGV[2] overdraft_limit_micros   ARGV[3] status   ARGV[4] currency
 -- ARGV[5] '1' to overwrite (rebuild-cache), '0' to load only if absent or partial
 -- ARGV[6] a new epoch: charges made before this load are not undone into it
+-- ARGV[7] the last Postgres-first change the ledger balance includes (q):
+--         apply_changes.lua applies only later ones
 -- Returns 1 if written, 0 if it was already there.
 
 if ARGV[5] == '0' then
@@ -13,5 +15,5 @@ if ARGV[5] == '0' then
     end
 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'b', ARGV[1], 'p', '0', 'o', ARGV[2], 's', ARGV[3], 'c', ARGV[4], 'e', ARGV[6])
+redis.call('HSET', KEYS[1], 'b', ARGV[1], 'p', '0', 'o', ARGV[2], 's', ARGV[3], 'c', ARGV[4], 'e', ARGV[6], 'q', ARGV[7])
 return 1

@@ -16,11 +16,45 @@ SELECT id, owner_id, currency, overdraft_limit_micros, status, created_at
   FROM wallets WHERE owner_id = $1 ORDER BY created_at, id LIMIT $2
 
 -- name: wallets_page
--- Every wallet in id order, a page at a time, with its ledger balance.
-SELECT w.id, w.owner_id, w.currency, w.overdraft_limit_micros, w.status, w.created_at,
+-- Every wallet in id order, a page at a time, with its ledger balance and
+-- the last change that balance includes (one snapshot).
+SELECT w.id, w.owner_id, w.currency, w.overdraft_limit_micros, w.status, w.created_at, w.change_seq,
        coalesce(-(SELECT sum(l.amount_micros) FROM journal_lines l WHERE l.account_id = w.id), 0)::bigint
            AS balance_micros
   FROM wallets w
  WHERE ($1::uuid IS NULL OR w.id > $1::uuid)
  ORDER BY w.id
  LIMIT $2
+
+-- name: wallet_for_cache
+-- What Redis holds of a wallet, read in one snapshot: the ledger balance
+-- includes exactly the Postgres-first changes up to change_seq, and the
+-- status is theirs.
+SELECT w.overdraft_limit_micros, w.status, w.currency, w.change_seq,
+       coalesce(-(SELECT sum(l.amount_micros) FROM journal_lines l WHERE l.account_id = w.id), 0)::bigint
+           AS balance_micros
+  FROM wallets w
+ WHERE w.id = $1
+
+-- name: next_change_seq
+-- The wallet's next change number, and its new status if $2 is not NULL.
+-- Holds the wallet's row lock until commit, so changes commit in seq order.
+UPDATE wallets SET change_seq = change_seq + 1, status = coalesce($2, status)
+ WHERE id = $1
+RETURNING change_seq
+
+-- name: insert_change
+INSERT INTO wallet_changes (wallet_id, seq, delta_micros, status, entry_id) VALUES ($1, $2, $3, $4, $5)
+
+-- name: pending_changes
+SELECT seq, delta_micros, status FROM wallet_changes WHERE wallet_id = $1 ORDER BY seq LIMIT $2
+
+-- name: delete_applied_changes
+DELETE FROM wallet_changes WHERE wallet_id = $1 AND seq <= $2
+
+-- name: wallets_with_changes
+-- Wallets with a change written before $1 and not yet applied to Redis.
+SELECT DISTINCT wallet_id FROM wallet_changes WHERE created_at < $1 LIMIT $2
+
+-- name: changes_count
+SELECT count(*) FROM wallet_changes

@@ -1,0 +1,381 @@
+"""Top-ups end to end over real HTTP, with localstripe as Stripe: a paid
+top-up is credited once (gross, with Stripe's fee as its own lines),
+whatever Stripe retries or reorders; refunds and disputes take it back."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from conftest import STRIPE_WEBHOOK_SECRET, Keys, Server, auth, new_wallet
+from stripe_support import FakeStripe, make_dispute, make_event, pay, sign, stripe_client
+
+CREDIT_WAIT_S = 15.0
+
+
+@pytest.fixture
+async def http(stripe_server: Server) -> Any:
+    async with httpx.AsyncClient(base_url=stripe_server.base_url, timeout=30) as client:
+        yield client
+
+
+async def start_topup(http: httpx.AsyncClient, keys: Keys, wallet_id: str, amount_micros: int) -> dict:
+    response = await http.post(
+        f"/v1/wallets/{wallet_id}/topups", json={"amount_micros": amount_micros}, headers=auth(keys.debit)
+    )
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+async def topup_of(http: httpx.AsyncClient, keys: Keys, topup_id: str) -> dict:
+    response = await http.get(f"/v1/topups/{topup_id}", headers=auth(keys.read))
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def balance_of(http: httpx.AsyncClient, keys: Keys, wallet_id: str) -> int:
+    response = await http.get(f"/v1/wallets/{wallet_id}", headers=auth(keys.read))
+    assert response.status_code == 200, response.text
+    return response.json()["balance_micros"]
+
+
+async def wait_for(predicate: Any, timeout_s: float = CREDIT_WAIT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await predicate():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("timed out waiting")
+
+
+async def post_event(
+    http: httpx.AsyncClient, event: bytes, secret: str = STRIPE_WEBHOOK_SECRET
+) -> httpx.Response:
+    return await http.post(
+        "/v1/webhooks/stripe",
+        content=event,
+        headers={"Stripe-Signature": sign(event, secret), "Content-Type": "application/json"},
+    )
+
+
+async def paid_topup(
+    http: httpx.AsyncClient, keys: Keys, fake_stripe: FakeStripe, amount_micros: int = 10_000_000
+) -> tuple[str, dict]:
+    wallet_id = await new_wallet(http, keys)
+    topup = await start_topup(http, keys, wallet_id, amount_micros)
+    await pay(stripe_client(fake_stripe.base_url), topup["payment_intent_id"])
+
+    async def credited() -> bool:
+        return (await topup_of(http, keys, topup["id"]))["status"] == "succeeded"
+
+    await wait_for(credited)
+    return wallet_id, await topup_of(http, keys, topup["id"])
+
+
+async def test_a_paid_topup_is_credited_once_with_its_fee(
+    http: httpx.AsyncClient, keys: Keys, fake_stripe: FakeStripe, stripe_settings: Any
+) -> None:
+    wallet_id, topup = await paid_topup(http, keys, fake_stripe, 10_000_000)
+    fee_minor = fake_stripe.fee(1_000)
+    assert topup["credited_micros"] == 10_000_000
+    assert topup["fee_micros"] == fee_minor * 10_000
+    assert await balance_of(http, keys, wallet_id) == 10_000_000
+    entries = (await http.get(f"/v1/wallets/{wallet_id}/entries", headers=auth(keys.read))).json()["data"]
+    assert [(e["kind"], e["amount_micros"]) for e in entries] == [("topup", 10_000_000)]
+    assert entries[0]["stripe_object_id"].startswith("ch_")
+    conn = await asyncpg.connect(stripe_settings.database_url)
+    try:
+        lines = await conn.fetch(
+            "SELECT a.kind, l.amount_micros FROM journal_lines l JOIN accounts a ON a.id = l.account_id "
+            "WHERE l.entry_id = $1 ORDER BY l.line_no",
+            __import__("uuid").UUID(entries[0]["id"]),
+        )
+    finally:
+        await conn.close()
+    assert [(r["kind"], r["amount_micros"]) for r in lines] == [
+        ("stripe_clearing", 10_000_000 - fee_minor * 10_000),
+        ("stripe_fees", fee_minor * 10_000),
+        ("wallet", -10_000_000),
+    ]
+
+
+async def refund(fake_stripe: FakeStripe, payment_intent_id: str, amount_minor: int) -> dict:
+    client = stripe_client(fake_stripe.base_url)
+    intent = await client.v1.payment_intents.retrieve_async(payment_intent_id)
+    created = await client.v1.refunds.create_async(
+        params={"charge": intent.latest_charge, "amount": amount_minor}  # type: ignore[typeddict-item]
+    )
+    return created.to_dict()
+
+
+async def charge_of(fake_stripe: FakeStripe, payment_intent_id: str) -> dict:
+    client = stripe_client(fake_stripe.base_url)
+    intent = await client.v1.payment_intents.retrieve_async(payment_intent_id)
+    return (await client.v1.charges.retrieve_async(str(intent.latest_charge))).to_dict()
+
+
+async def succeeded_event(fake_stripe: FakeStripe, payment_intent_id: str) -> bytes:
+    client = stripe_client(fake_stripe.base_url)
+    intent = (await client.v1.payment_intents.retrieve_async(payment_intent_id)).to_dict()
+    return make_event("payment_intent.succeeded", intent)
+
+
+async def test_replays_and_reordered_events_change_nothing(
+    http: httpx.AsyncClient, keys: Keys, fake_stripe: FakeStripe
+) -> None:
+    wallet_id, topup = await paid_topup(http, keys, fake_stripe, 5_000_000)
+    charge = await charge_of(fake_stripe, topup["payment_intent_id"])
+    succeeded = await succeeded_event(fake_stripe, topup["payment_intent_id"])
+    others = [
+        make_event("charge.succeeded", charge),
+        make_event("customer.created", {"id": "cus_x", "object": "customer"}),
+        make_event("charge.refunded", charge),
+        succeeded,
+    ]
+    for _ in range(5):
+        response = await post_event(http, succeeded)
+        assert response.status_code == 200, response.text
+        assert response.json()["outcome"] in ("duplicate", "processed: no change")
+    for event in reversed(others):
+        assert (await post_event(http, event)).status_code == 200
+    for event in others:
+        assert (await post_event(http, event)).json()["outcome"] == "duplicate"
+    assert await balance_of(http, keys, wallet_id) == 5_000_000
+    assert (await topup_of(http, keys, topup["id"]))["credited_micros"] == 5_000_000
+
+
+async def test_a_bad_signature_is_refused_and_changes_nothing(
+    http: httpx.AsyncClient, keys: Keys, fake_stripe: FakeStripe
+) -> None:
+    wallet_id = await new_wallet(http, keys)
+    topup = await start_topup(http, keys, wallet_id, 2_000_000)
+    await pay(stripe_client(fake_stripe.base_url), topup["payment_intent_id"])
+    event = await succeeded_event(fake_stripe, topup["payment_intent_id"])
+    for headers in (
+        {"Stripe-Signature": sign(event, "whsec_wrong")},
+        {"Stripe-Signature": sign(event, STRIPE_WEBHOOK_SECRET, timestamp=int(time.time()) - 3600)},
+        {"Stripe-Signature": "garbage"},
+        {},
+    ):
+        response = await http.post("/v1/webhooks/stripe", content=event, headers=headers)
+        assert response.status_code == 400, response.text
+        assert response.json()["code"] == "webhook_signature_invalid"
+        assert response.headers["content-type"].startswith("application/problem+json")
+    tampered = event.replace(b'"amount": 200', b'"amount": 900')
+    response = await http.post(
+        "/v1/webhooks/stripe",
+        content=tampered,
+        headers={"Stripe-Signature": sign(event, STRIPE_WEBHOOK_SECRET)},
+    )
+    assert response.status_code == 400
+    # The real, signed delivery from the fake still credits it, once.
+
+    async def credited() -> bool:
+        return (await topup_of(http, keys, topup["id"]))["status"] == "succeeded"
+
+    await wait_for(credited)
+    assert await balance_of(http, keys, wallet_id) == 2_000_000
+
+
+async def test_refund_half_then_the_rest_claws_back_exactly(
+    http: httpx.AsyncClient, keys: Keys, fake_stripe: FakeStripe
+) -> None:
+    wallet_id, topup = await paid_topup(http, keys, fake_stripe, 10_000_000)
+    debit = await http.post(
+        f"/v1/wallets/{wallet_id}/debits",
+        json={"amount_micros": 7_000_000},
+        headers=auth(keys.debit, "spend"),
+    )
+    assert debit.status_code == 201, debit.text
+    await refund(fake_stripe, topup["payment_intent_id"], 500)
+    charge = await charge_of(fake_stripe, topup["payment_intent_id"])
+    first = await post_event(http, make_event("charge.refunded", charge))
+    assert first.status_code == 200, first.text
+    assert "clawed back 5000000 micros" in first.json()["outcome"]
+    assert await balance_of(http, keys, wallet_id) == 3_000_000 - 5_000_000
+    state = await topup_of(http, keys, topup["id"])
+    assert (state["status"], state["refunded_micros"]) == ("partially_refunded", 5_000_000)
+
+    await refund(fake_stripe, topup["payment_intent_id"], 500)
+    charge = await charge_of(fake_stripe, topup["payment_intent_id"])
+    second = make_event("charge.refunded", charge)
+    assert (await post_event(http, second)).status_code == 200
+    assert (await post_event(http, first.request.content)).json()["outcome"] == "duplicate"
+    assert (await post_event(http, make_event("charge.refunded", charge))).json()[
+        "outcome"
+    ] == "processed: no change"
+    # Clawbacks may take the wallet below zero (-overdraft too): it shows, and debits stop.
+    assert await balance_of(http, keys, wallet_id) == -7_000_000
+    state = await topup_of(http, keys, topup["id"])
+    assert (state["status"], state["refunded_micros"]) == ("refunded", 10_000_000)
+    refused = await http.post(
+        f"/v1/wallets/{wallet_id}/debits", json={"amount_micros": 1}, headers=auth(keys.debit, "after")
+    )
+    assert refused.status_code == 402
+    kinds = [
+        e["kind"]
+        for e in (await http.get(f"/v1/wallets/{wallet_id}/entries", headers=auth(keys.read))).json()["data"]
+    ]
+    assert kinds == ["topup_refund", "topup_refund", "debit", "topup"]
+
+
+@pytest.mark.parametrize("outcome", ["lost", "won"])
+async def test_a_dispute_freezes_withholds_then_settles(
+    http: httpx.AsyncClient, keys: Keys, fake_stripe: FakeStripe, outcome: str
+) -> None:
+    wallet_id, topup = await paid_topup(http, keys, fake_stripe, 10_000_000)
+    charge = await charge_of(fake_stripe, topup["payment_intent_id"])
+    dispute_id = f"dp_{secrets.token_hex(8)}"
+    created = make_dispute(charge, 400, "usd", dispute_id=dispute_id)
+    response = await post_event(http, make_event("charge.dispute.created", created))
+    assert response.status_code == 200, response.text
+    wallet = (await http.get(f"/v1/wallets/{wallet_id}", headers=auth(keys.read))).json()
+    assert (wallet["status"], wallet["balance_micros"]) == ("frozen", 6_000_000)
+    assert (await topup_of(http, keys, topup["id"]))["status"] == "disputed"
+    frozen = await http.post(
+        f"/v1/wallets/{wallet_id}/debits", json={"amount_micros": 1}, headers=auth(keys.debit, "while-frozen")
+    )
+    assert frozen.status_code == 409 and frozen.json()["code"] == "wallet_frozen"
+
+    closed = make_dispute(charge, 400, "usd", dispute_id=dispute_id, status=outcome)
+    response = await post_event(http, make_event("charge.dispute.closed", closed))
+    assert response.status_code == 200, response.text
+    # A late `created` after `closed` never reopens it.
+    assert (await post_event(http, make_event("charge.dispute.created", created))).status_code == 200
+    wallet = (await http.get(f"/v1/wallets/{wallet_id}", headers=auth(keys.read))).json()
+    expected = 10_000_000 if outcome == "won" else 6_000_000
+    assert (wallet["status"], wallet["balance_micros"]) == ("active", expected)
+    state = await topup_of(http, keys, topup["id"])
+    assert state["status"] == ("succeeded" if outcome == "won" else "dispute_lost")
+    spend = await http.post(
+        f"/v1/wallets/{wallet_id}/debits", json={"amount_micros": 1}, headers=auth(keys.debit, "after")
+    )
+    assert spend.status_code == 201, spend.text
+
+
+async def test_a_dispute_before_the_success_event_credits_first(
+    http: httpx.AsyncClient, keys: Keys, fake_stripe: FakeStripe
+) -> None:
+    """Stripe is read back: the dispute's payment is credited, then withheld."""
+    wallet_id = await new_wallet(http, keys)
+    topup = await start_topup(http, keys, wallet_id, 3_000_000)
+    client = stripe_client(fake_stripe.base_url)
+    await pay(client, topup["payment_intent_id"])
+    charge = await charge_of(fake_stripe, topup["payment_intent_id"])
+    closed = make_dispute(charge, 300, "usd", status="lost")
+    response = await post_event(http, make_event("charge.dispute.closed", closed))
+    assert response.status_code == 200, response.text
+    assert "credited 3000000 micros" in response.json()["outcome"]
+    await asyncio.sleep(1.5)  # the fake's own succeeded event arrives: nothing more
+    wallet = (await http.get(f"/v1/wallets/{wallet_id}", headers=auth(keys.read))).json()
+    assert (wallet["status"], wallet["balance_micros"]) == ("active", 0)
+
+
+async def test_a_declined_card_fails_the_topup_and_credits_nothing(
+    http: httpx.AsyncClient, keys: Keys, fake_stripe: FakeStripe
+) -> None:
+    import stripe
+
+    wallet_id = await new_wallet(http, keys)
+    topup = await start_topup(http, keys, wallet_id, 1_000_000)
+    with pytest.raises(stripe.CardError):
+        await pay(
+            stripe_client(fake_stripe.base_url), topup["payment_intent_id"], "pm_card_chargeCustomerFail"
+        )
+
+    async def failed() -> bool:
+        return (await topup_of(http, keys, topup["id"]))["status"] == "failed"
+
+    await wait_for(failed)
+    state = await topup_of(http, keys, topup["id"])
+    assert state["failure_message"] and state["credited_micros"] == 0
+    assert await balance_of(http, keys, wallet_id) == 0
+
+
+@pytest.mark.parametrize(
+    ("amount_micros", "fragment"),
+    [
+        (499_999, "between 500000 and 10000000000"),
+        (10_000_000_001, "between 500000 and 10000000000"),
+        (1_000_001, "multiples of 10000 micros"),
+    ],
+)
+async def test_topup_amounts_outside_the_rules_are_refused(
+    http: httpx.AsyncClient, keys: Keys, amount_micros: int, fragment: str
+) -> None:
+    wallet_id = await new_wallet(http, keys)
+    response = await http.post(
+        f"/v1/wallets/{wallet_id}/topups", json={"amount_micros": amount_micros}, headers=auth(keys.debit)
+    )
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert body["code"] == "invalid_request" and body["fields"] == ["amount_micros"]
+    assert fragment in body["detail"]
+
+
+async def test_a_jpy_topup_is_whole_yen(http: httpx.AsyncClient, keys: Keys) -> None:
+    wallet_id = await new_wallet(http, keys, currency="jpy")
+    refused = await http.post(
+        f"/v1/wallets/{wallet_id}/topups", json={"amount_micros": 1_500_000}, headers=auth(keys.debit)
+    )
+    assert refused.status_code == 400 and "multiples of 1000000 micros" in refused.json()["detail"]
+    accepted = await start_topup(http, keys, wallet_id, 500_000_000)
+    assert accepted["currency"] == "jpy"
+
+
+async def test_the_idempotency_key_returns_the_same_topup(http: httpx.AsyncClient, keys: Keys) -> None:
+    wallet_id = await new_wallet(http, keys)
+    url = f"/v1/wallets/{wallet_id}/topups"
+    first = await http.post(url, json={"amount_micros": 1_000_000}, headers=auth(keys.debit, "buy-1"))
+    again = await http.post(url, json={"amount_micros": 1_000_000}, headers=auth(keys.debit, "buy-1"))
+    other = await http.post(url, json={"amount_micros": 2_000_000}, headers=auth(keys.debit, "buy-1"))
+    assert (first.status_code, again.status_code, other.status_code) == (201, 201, 409)
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.json()["id"] == first.json()["id"]
+    assert again.json()["payment_intent_id"] == first.json()["payment_intent_id"]
+    page = (await http.get(url, headers=auth(keys.read))).json()
+    assert [t["id"] for t in page["data"]] == [first.json()["id"]] and page["has_more"] is False
+    fetched = await topup_of(http, keys, first.json()["id"])
+    assert fetched["client_secret"] is None  # only the creator sees it
+    assert first.json()["client_secret"]
+
+
+async def test_topup_routes_refuse_bad_ids_and_scopes(http: httpx.AsyncClient, keys: Keys) -> None:
+    wallet_id = await new_wallet(http, keys)
+    assert (await http.get("/v1/topups/not-a-uuid", headers=auth(keys.read))).json()[
+        "code"
+    ] == "topup_not_found"
+    missing = await http.post(
+        f"/v1/wallets/{secrets.token_hex(4)}/topups",
+        json={"amount_micros": 1_000_000},
+        headers=auth(keys.debit),
+    )
+    assert missing.status_code == 404 and missing.json()["code"] == "wallet_not_found"
+    read_only = await http.post(
+        f"/v1/wallets/{wallet_id}/topups", json={"amount_micros": 1_000_000}, headers=auth(keys.read)
+    )
+    assert read_only.status_code == 403
+    typo = await http.post(
+        f"/v1/wallets/{wallet_id}/topups", json={"amount_micro": 1_000_000}, headers=auth(keys.debit)
+    )
+    assert typo.status_code == 400 and typo.json()["code"] == "invalid_request"
+    cursor = await http.get(f"/v1/wallets/{wallet_id}/topups?starting_after=x", headers=auth(keys.read))
+    assert cursor.status_code == 400
+
+
+async def test_without_stripe_settings_topups_answer_503(client: httpx.AsyncClient, keys: Keys) -> None:
+    """The default server of the suite has no Stripe key."""
+    wallet_id = await new_wallet(client, keys)
+    response = await client.post(
+        f"/v1/wallets/{wallet_id}/topups", json={"amount_micros": 1_000_000}, headers=auth(keys.debit)
+    )
+    assert response.status_code == 503 and response.json()["code"] == "topups_disabled"
+    webhook = await client.post(
+        "/v1/webhooks/stripe", content=b"{}", headers={"Stripe-Signature": "t=1,v1=x"}
+    )
+    assert webhook.status_code == 503

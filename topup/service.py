@@ -1,0 +1,606 @@
+"""Top-ups: prepaid balance bought through Stripe PaymentIntents.
+
+Money moves Postgres first here (debits go Redis first). A webhook event is
+handled in three steps:
+  1. verify its signature, and skip it if its id is already stored;
+  2. read the payment back from Stripe (events arrive late, twice, out of
+     order: the event only says *which* payment changed, Stripe says what it
+     is now);
+  3. in one Postgres transaction: bring the ledger up to date with that
+     payment (credit once, claw back each refund once, open or close each
+     dispute once), update the top-up, and store the event id. Each ledger
+     effect is a wallet change (wallet/changes.py), applied to Redis after the
+     commit, exactly once, by this request or else by the sweeper.
+So replaying any event, in any order, changes nothing: every effect is keyed
+by the Stripe object that caused it, and the payment's state is Stripe's own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+from datetime import UTC, datetime
+
+import asyncpg
+import msgspec
+import redis.exceptions
+
+from centime.errors import invariant
+from centime.money import micros_to_minor, minor_to_micros
+from centime.settings import Settings
+from ledger.accounts import (
+    dispute_lost_lines,
+    dispute_opened_lines,
+    dispute_won_lines,
+    topup_lines,
+    topup_refund_lines,
+)
+from ledger.ids import uuid7
+from ledger.schemas import EntryKind, EntryRecord, Line
+from topup import repo
+from topup.errors import (
+    TopUpAmountInvalid,
+    TopUpNotFound,
+    TopUpsDisabled,
+    WebhookPayloadInvalid,
+)
+from topup.gateway import Event, StripeGateway
+from topup.schemas import (
+    PAGE_SIZE_MAX,
+    CheckoutStatus,
+    CreateTopUp,
+    Dispute,
+    Payment,
+    TopUp,
+    TopUpPage,
+    WebhookAnswer,
+)
+from wallet import repo as wallet_repo
+from wallet.cache import Cache
+from wallet.changes import apply_changes, write_change
+from wallet.errors import IdempotencyConflict, WalletNotFound
+
+log = logging.getLogger(__name__)
+
+PAYMENT_EVENTS = frozenset(
+    {
+        "payment_intent.succeeded",
+        "payment_intent.payment_failed",
+        "payment_intent.canceled",
+        "payment_intent.processing",
+        "charge.succeeded",
+        "charge.refunded",
+        "charge.refund.updated",
+        "refund.created",
+        "refund.updated",
+    }
+)
+DISPUTE_EVENTS = frozenset(
+    {
+        "charge.dispute.created",
+        "charge.dispute.updated",
+        "charge.dispute.closed",
+        "charge.dispute.funds_withdrawn",
+        "charge.dispute.funds_reinstated",
+    }
+)
+DISPUTE_CLOSED_WON = frozenset({"won", "warning_closed"})
+"""Dispute statuses that give the money back (an inquiry closed is won)."""
+DISPUTE_CLOSED_LOST = frozenset({"lost"})
+REFUND_SETTLED = frozenset({"succeeded", "pending"})
+"""Refund statuses that take the money back. Stripe has accepted a pending
+refund; a refund that later fails is left to reconciliation."""
+
+_dispute_decoder = msgspec.json.Decoder(Dispute)
+
+
+class _Duplicate(Exception):
+    """Another delivery of the event committed first: roll back."""
+
+
+def topup_request_hash(amount_micros: int) -> str:
+    return hashlib.sha256(f"topup:{amount_micros}".encode()).hexdigest()[:32]
+
+
+def topup_status(
+    *,
+    intent_status: str | None,
+    failed: bool,
+    credited_micros: int,
+    refunded_micros: int,
+    open_disputed_micros: int,
+    lost_disputed_micros: int,
+) -> str:
+    if credited_micros == 0:
+        if intent_status == "canceled":
+            return "canceled"
+        return "failed" if failed else "pending"
+    if open_disputed_micros:
+        return "disputed"
+    if lost_disputed_micros:
+        return "dispute_lost"
+    if refunded_micros >= credited_micros:
+        return "refunded"
+    return "partially_refunded" if refunded_micros else "succeeded"
+
+
+def _entry(
+    row: repo.TopUpRow,
+    *,
+    kind: EntryKind,
+    key: str,
+    amount_micros: int,
+    lines: tuple[Line, ...],
+    stripe_object_id: str,
+    description: str,
+    metadata: dict[str, str],
+) -> EntryRecord:
+    return EntryRecord(
+        id=uuid7(),
+        kind=kind,
+        currency=row.currency,
+        wallet_id=row.wallet_id,
+        amount_micros=amount_micros,
+        balance_micros=None,
+        idempotency_key=key,
+        request_hash=None,
+        description=description,
+        metadata={"topup_id": str(row.id), **metadata},
+        created_at=datetime.now(UTC),
+        stripe_object_id=stripe_object_id,
+        lines=lines,
+    )
+
+
+class TopUps:
+    """The top-up service. Holds its connections, given explicitly."""
+
+    def __init__(
+        self, *, pool: asyncpg.Pool, cache: Cache, gateway: StripeGateway | None, settings: Settings
+    ) -> None:
+        self.pool = pool
+        self.cache = cache
+        self._stripe = gateway
+        self.settings = settings
+        self._timeout_s = settings.database_timeout_ms / 1000
+
+    def _gateway(self) -> StripeGateway:
+        if self._stripe is None:
+            raise TopUpsDisabled("top-ups need CENTIME_STRIPE_SECRET_KEY (and the webhook secret) to be set")
+        return self._stripe
+
+    # Creating and reading ------------------------------------------------------
+
+    async def create_topup(
+        self, wallet_id: uuid.UUID, request: CreateTopUp, idempotency_key: str | None
+    ) -> tuple[TopUp, bool]:
+        """A pending top-up with its PaymentIntent. Returns it and whether it
+        is a replay of an earlier request with the same key."""
+        gateway = self._gateway()
+        async with self.pool.acquire(timeout=self._timeout_s) as conn:
+            wallet = await wallet_repo.wallet_by_id(conn, wallet_id)
+        if wallet is None:
+            raise WalletNotFound(f"no wallet {wallet_id}")
+        amount_minor = self._amount_minor(request.amount_micros, wallet.currency)
+        request_hash = topup_request_hash(request.amount_micros)
+        async with self.pool.acquire(timeout=self._timeout_s) as conn:
+            row = await repo.insert_topup(
+                conn,
+                uuid7(),
+                wallet.id,
+                request.amount_micros,
+                wallet.currency,
+                idempotency_key,
+                request_hash,
+            )
+            replayed = row is None
+            if row is None:
+                assert idempotency_key is not None  # only a key can conflict
+                row = await repo.topup_by_wallet_key(conn, wallet.id, idempotency_key)
+                invariant(row is not None, f"top-up with key {idempotency_key!r} vanished")
+                assert row is not None
+                if row.request_hash != request_hash:
+                    raise IdempotencyConflict(
+                        f"idempotency key {idempotency_key!r} was used for a top-up of another amount"
+                    )
+        if row.payment_intent_id is None:
+            # New, or an earlier attempt failed at Stripe: Stripe's own
+            # idempotency key (the top-up id) makes this create at most one.
+            customer_id = await self._customer(wallet.id, wallet.owner_id)
+            intent_id, client_secret = await gateway.create_payment_intent(
+                topup_id=str(row.id),
+                wallet_id=str(wallet.id),
+                amount_minor=amount_minor,
+                currency=wallet.currency,
+                customer_id=customer_id,
+            )
+            async with self.pool.acquire(timeout=self._timeout_s) as conn:
+                row = await repo.set_payment_intent(conn, row.id, intent_id, client_secret)
+        return self._wire(row, with_secret=True), replayed
+
+    def _amount_minor(self, amount_micros: int, currency: str) -> int:
+        low, high = self.settings.topup_min_micros, self.settings.topup_max_micros
+        if not low <= amount_micros <= high:
+            raise TopUpAmountInvalid(
+                f"amount_micros: a top-up is between {low} and {high} micros "
+                f"({low / 1_000_000:.2f} to {high / 1_000_000:,.2f} {currency.upper()})",
+                fields=["amount_micros"],
+                minimum_micros=low,
+                maximum_micros=high,
+            )
+        amount_minor = micros_to_minor(amount_micros, currency)
+        if amount_minor is None:
+            step = minor_to_micros(1, currency)
+            raise TopUpAmountInvalid(
+                f"amount_micros: {currency} is paid in whole minor units, multiples of {step} micros",
+                fields=["amount_micros"],
+            )
+        return amount_minor
+
+    async def _customer(self, wallet_id: uuid.UUID, owner_id: str) -> str:
+        """The wallet's Stripe customer, created once."""
+        async with self.pool.acquire(timeout=self._timeout_s) as conn:
+            existing = await repo.customer_of_wallet(conn, wallet_id)
+        if existing is not None:
+            return existing
+        created = await self._gateway().create_customer(wallet_id=str(wallet_id), owner_id=owner_id)
+        async with self.pool.acquire(timeout=self._timeout_s) as conn:
+            return await repo.insert_customer(conn, wallet_id, created)
+
+    async def get_topup(self, topup_id: uuid.UUID) -> TopUp:
+        return self._wire(await self._row(topup_id), with_secret=False)
+
+    async def checkout(self, topup_id: uuid.UUID) -> repo.TopUpRow:
+        """What the public checkout page shows (it holds the client secret)."""
+        return await self._row(topup_id)
+
+    async def checkout_status(self, topup_id: uuid.UUID) -> CheckoutStatus:
+        row = await self._row(topup_id)
+        return CheckoutStatus(
+            status=row.status,  # type: ignore[arg-type]
+            amount_micros=row.amount_micros,
+            currency=row.currency,
+            credited=row.credited_micros > 0,
+        )
+
+    async def _row(self, topup_id: uuid.UUID) -> repo.TopUpRow:
+        async with self.pool.acquire(timeout=self._timeout_s) as conn:
+            row = await repo.topup_by_id(conn, topup_id)
+        if row is None:
+            raise TopUpNotFound(f"no top-up {topup_id}")
+        return row
+
+    async def list_topups(
+        self, wallet_id: uuid.UUID, *, limit: int, starting_after: uuid.UUID | None
+    ) -> TopUpPage:
+        invariant(1 <= limit <= PAGE_SIZE_MAX, f"limit {limit} outside 1..{PAGE_SIZE_MAX}")
+        async with self.pool.acquire(timeout=self._timeout_s) as conn:
+            if await wallet_repo.wallet_by_id(conn, wallet_id) is None:
+                raise WalletNotFound(f"no wallet {wallet_id}")
+            rows = await repo.topups_page(conn, wallet_id, starting_after, limit + 1)
+        return TopUpPage(
+            data=[self._wire(r, with_secret=False) for r in rows[:limit]], has_more=len(rows) > limit
+        )
+
+    def _wire(self, row: repo.TopUpRow, *, with_secret: bool) -> TopUp:
+        return TopUp(
+            id=row.id,
+            wallet_id=row.wallet_id,
+            amount_micros=row.amount_micros,
+            currency=row.currency,
+            status=row.status,  # type: ignore[arg-type]
+            payment_intent_id=row.payment_intent_id,
+            client_secret=row.client_secret if with_secret else None,
+            checkout_url=f"/checkout/{row.id}",
+            credited_micros=row.credited_micros,
+            fee_micros=row.fee_micros,
+            refunded_micros=row.refunded_micros,
+            disputed_micros=row.disputed_micros,
+            failure_message=row.failure_message,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+        )
+
+    # Webhooks --------------------------------------------------------------------
+
+    async def handle_webhook(self, payload: bytes, signature: str | None) -> WebhookAnswer:
+        gateway = self._gateway()
+        event = gateway.verify_event(payload, signature)
+        async with self.pool.acquire(timeout=self._timeout_s) as conn:
+            seen = await repo.event_outcome(conn, event.id)
+        if seen is not None:
+            return WebhookAnswer(event_id=event.id, outcome="duplicate")
+        if event.type in PAYMENT_EVENTS:
+            outcome = await self._on_payment_event(event)
+        elif event.type in DISPUTE_EVENTS:
+            outcome = await self._on_dispute_event(event)
+        else:
+            outcome = await self._record_only(event, f"ignored: centime does not act on {event.type}")
+        log.info("stripe event %s (%s): %s", event.id, event.type, outcome)
+        return WebhookAnswer(event_id=event.id, outcome=outcome)
+
+    async def _record_only(self, event: Event, outcome: str) -> str:
+        async with self.pool.acquire(timeout=self._timeout_s) as conn:
+            stored = await repo.insert_event(conn, event.id, event.type, _object_id(event), outcome)
+        return outcome if stored else "duplicate"
+
+    async def _on_payment_event(self, event: Event) -> str:
+        intent_id = await self._payment_intent_of(event.object)
+        if intent_id is None:
+            return await self._record_only(event, "ignored: no PaymentIntent")
+        payment = await self._gateway().payment(intent_id)
+        row = await self._topup_of(payment)
+        if row is None:
+            return await self._record_only(event, f"ignored: {intent_id} is not a centime top-up")
+        return await self._in_transaction(event, row, payment, dispute=None)
+
+    async def _on_dispute_event(self, event: Event) -> str:
+        try:
+            dispute = _dispute_decoder.decode(msgspec.json.encode(event.object))
+        except msgspec.ValidationError as exc:
+            raise WebhookPayloadInvalid(f"event {event.id}: not a dispute: {exc}") from None
+        charge_id = dispute.charge if isinstance(dispute.charge, str) else dispute.charge.id
+        intent_id = dispute.payment_intent or await self._payment_intent_of(
+            {"object": "charge", "id": charge_id}
+        )
+        if intent_id is None:
+            return await self._record_only(event, f"ignored: charge {charge_id} has no PaymentIntent")
+        # Read the payment too: a dispute can arrive before the success event.
+        payment = await self._gateway().payment(intent_id)
+        row = await self._topup_of(payment)
+        if row is None:
+            return await self._record_only(event, f"ignored: {intent_id} is not a centime top-up")
+        return await self._in_transaction(event, row, payment, dispute=dispute)
+
+    async def _payment_intent_of(self, obj: dict) -> str | None:
+        """The PaymentIntent an event's object belongs to."""
+        if obj.get("object") == "payment_intent":
+            return _str(obj.get("id"))
+        intent_id = _str(obj.get("payment_intent"))
+        if intent_id is not None:
+            return intent_id
+        charge_id = _str(obj.get("id")) if obj.get("object") == "charge" else _str(obj.get("charge"))
+        if charge_id is None:
+            return None
+        async with self.pool.acquire(timeout=self._timeout_s) as conn:
+            row = await repo.topup_by_charge(conn, charge_id)
+        if row is not None and row.payment_intent_id is not None:
+            return row.payment_intent_id
+        return await self._gateway().payment_intent_of_charge(charge_id)
+
+    async def _topup_of(self, payment: Payment) -> repo.TopUpRow | None:
+        """The top-up of a PaymentIntent: by its id, or by the top-up id in
+        its metadata (the intent was created but its id never stored)."""
+        intent = payment.intent
+        async with self.pool.acquire(timeout=self._timeout_s) as conn:
+            row = await repo.topup_by_payment_intent(conn, intent.id)
+            if row is None:
+                try:
+                    topup_id = uuid.UUID(intent.metadata.get("topup_id", ""))
+                except ValueError:
+                    return None
+                row = await repo.topup_by_id(conn, topup_id)
+                if row is None or str(row.wallet_id) != intent.metadata.get("wallet_id"):
+                    return None
+                if row.payment_intent_id is None and intent.client_secret is not None:
+                    row = await repo.set_payment_intent(conn, row.id, intent.id, intent.client_secret)
+        if row.payment_intent_id != intent.id:
+            log.error(
+                "PaymentIntent %s names top-up %s, which has %s", intent.id, row.id, row.payment_intent_id
+            )
+            return None
+        return row
+
+    async def _in_transaction(
+        self, event: Event, row: repo.TopUpRow, payment: Payment, *, dispute: Dispute | None
+    ) -> str:
+        """Bring the ledger up to date with the payment (and the dispute),
+        and store the event, in one transaction; then apply the wallet's
+        changes to Redis."""
+        try:
+            async with self.pool.acquire(timeout=self._timeout_s) as conn, conn.transaction():
+                locked = await repo.topup_by_id(conn, row.id, for_update=True)
+                assert locked is not None
+                effects = await self._settle_payment(conn, locked, payment)
+                if dispute is not None:
+                    effects += await self._settle_dispute(conn, locked, dispute)
+                outcome = f"processed: {', '.join(effects)}" if effects else "processed: no change"
+                if not await repo.insert_event(conn, event.id, event.type, _object_id(event), outcome):
+                    raise _Duplicate
+        except _Duplicate:
+            return "duplicate"
+        if effects:
+            await self._apply(row.wallet_id)
+        return outcome
+
+    async def _apply(self, wallet_id: uuid.UUID) -> None:
+        try:
+            await apply_changes(self.pool, self.cache, wallet_id, timeout_s=self._timeout_s)
+        except (redis.exceptions.RedisError, OSError, TimeoutError, asyncpg.PostgresError) as exc:
+            # Committed: the sweeper applies it. The event is answered 200.
+            log.warning(
+                "wallet %s: changes committed, Redis not updated yet (the sweeper will): %r", wallet_id, exc
+            )
+
+    async def _settle_payment(
+        self, conn: asyncpg.Connection, row: repo.TopUpRow, payment: Payment
+    ) -> list[str]:
+        """Credit the top-up once and claw back each refund once."""
+        intent, charge = payment.intent, payment.charge
+        invariant(
+            intent.currency == row.currency,
+            f"PaymentIntent {intent.id} is in {intent.currency}, top-up {row.id} in {row.currency}",
+        )
+        effects: list[str] = []
+        credited, fee, refunded = row.credited_micros, row.fee_micros, row.refunded_micros
+        charge_id = row.charge_id
+        if (
+            intent.status == "succeeded"
+            and credited == 0
+            and charge is not None
+            and charge.status == "succeeded"
+        ):
+            gross = minor_to_micros(intent.amount_received or charge.amount, row.currency)
+            transaction = payment.balance_transaction
+            # A fee in another currency (settlement in the account's own) is
+            # not this entry's: the reconciler reports it.
+            fee_now = (
+                minor_to_micros(transaction.fee, row.currency)
+                if transaction is not None and transaction.currency == row.currency
+                else 0
+            )
+            entry = _entry(
+                row,
+                kind="topup",
+                key=f"topup:{row.id}",
+                amount_micros=gross,
+                lines=topup_lines(row.wallet_id, row.currency, gross, min(fee_now, gross)),
+                stripe_object_id=charge.id,
+                description=f"top-up {row.id}",
+                metadata={
+                    "payment_intent_id": intent.id,
+                    "charge_id": charge.id,
+                    "balance_transaction_id": transaction.id if transaction is not None else "",
+                },
+            )
+            if await write_change(conn, entry, status=None, timeout_s=self._timeout_s):
+                effects.append(f"credited {gross} micros")
+            credited, fee, charge_id = gross, min(fee_now, gross), charge.id
+        if credited and charge is not None:
+            for refund in payment.refunds:
+                if refund.status not in REFUND_SETTLED or refund.currency != row.currency:
+                    continue
+                amount = minor_to_micros(refund.amount, row.currency)
+                entry = _entry(
+                    row,
+                    kind="topup_refund",
+                    key=f"refund:{refund.id}",
+                    amount_micros=amount,
+                    lines=topup_refund_lines(row.wallet_id, row.currency, amount),
+                    stripe_object_id=refund.id,
+                    description=f"refund {refund.id} of top-up {row.id}",
+                    metadata={"payment_intent_id": intent.id, "charge_id": charge.id},
+                )
+                if await write_change(conn, entry, status=None, timeout_s=self._timeout_s):
+                    refunded += amount
+                    effects.append(f"clawed back {amount} micros (refund {refund.id})")
+        error = intent.last_payment_error or {}
+        failure = str(error.get("message") or error.get("code") or "")[:1000] or None
+        await self._save_state(conn, row, payment, credited, fee, refunded, charge_id, failure)
+        return effects
+
+    async def _settle_dispute(
+        self, conn: asyncpg.Connection, row: repo.TopUpRow, dispute: Dispute
+    ) -> list[str]:
+        """Open the dispute once (freeze the wallet, withhold the amount), and
+        close it once (won: give it back; lost: it is gone). Never reopened:
+        a late `created` after `closed` changes nothing."""
+        current = await repo.topup_by_id(conn, row.id)
+        assert current is not None
+        if current.credited_micros == 0:
+            log.error("dispute %s on top-up %s, which was never credited: left alone", dispute.id, row.id)
+            return []
+        invariant(dispute.currency == row.currency, f"dispute {dispute.id} is in {dispute.currency}")
+        amount = minor_to_micros(dispute.amount, row.currency)
+        effects: list[str] = []
+        stored = await repo.dispute_for_update(conn, dispute.id)
+        status = stored.status if stored is not None else None
+        if stored is None:
+            await repo.insert_dispute(conn, dispute.id, row.id, row.wallet_id, amount)
+            entry = _entry(
+                row,
+                kind="dispute_opened",
+                key=f"dispute:{dispute.id}:opened",
+                amount_micros=amount,
+                lines=dispute_opened_lines(row.wallet_id, row.currency, amount),
+                stripe_object_id=dispute.id,
+                description=f"dispute {dispute.id} opened on top-up {row.id}",
+                metadata={"charge_id": row.charge_id or ""},
+            )
+            await write_change(conn, entry, status="frozen", timeout_s=self._timeout_s)
+            effects.append(f"dispute {dispute.id} opened: wallet frozen, {amount} micros withheld")
+            status = "open"
+        else:
+            amount = stored.amount_micros
+        closed_as = (
+            "won"
+            if dispute.status in DISPUTE_CLOSED_WON
+            else "lost"
+            if dispute.status in DISPUTE_CLOSED_LOST
+            else None
+        )
+        if status == "open" and closed_as is not None:
+            await repo.close_dispute(conn, dispute.id, closed_as)
+            still_open = await repo.open_disputes_of_wallet(conn, row.wallet_id)
+            lines = (
+                dispute_won_lines(row.wallet_id, row.currency, amount)
+                if closed_as == "won"
+                else dispute_lost_lines(row.currency, amount)
+            )
+            entry = _entry(
+                row,
+                kind="dispute_won" if closed_as == "won" else "dispute_lost",
+                key=f"dispute:{dispute.id}:{closed_as}",
+                amount_micros=amount,
+                lines=lines,
+                stripe_object_id=dispute.id,
+                description=f"dispute {dispute.id} {closed_as} on top-up {row.id}",
+                metadata={"charge_id": row.charge_id or ""},
+            )
+            await write_change(
+                conn, entry, status="active" if still_open == 0 else None, timeout_s=self._timeout_s
+            )
+            effects.append(
+                f"dispute {dispute.id} {closed_as}"
+                + ("" if still_open else ": wallet active again")
+                + (f", {amount} micros given back" if closed_as == "won" else "")
+            )
+        if effects:
+            await self._save_state(conn, current, None, None, None, None, None, current.failure_message)
+        return effects
+
+    async def _save_state(
+        self,
+        conn: asyncpg.Connection,
+        row: repo.TopUpRow,
+        payment: Payment | None,
+        credited: int | None,
+        fee: int | None,
+        refunded: int | None,
+        charge_id: str | None,
+        failure: str | None,
+    ) -> None:
+        credited = row.credited_micros if credited is None else credited
+        refunded = row.refunded_micros if refunded is None else refunded
+        open_micros, lost_micros = await repo.dispute_totals_of_topup(conn, row.id)
+        intent_status = payment.intent.status if payment is not None else None
+        failed = intent_status == "requires_payment_method" and failure is not None
+        if payment is None:  # a dispute changed: the payment's own status stands
+            failed = row.status == "failed"
+            intent_status = "canceled" if row.status == "canceled" else None
+        state = repo.TopUpState(
+            status=topup_status(
+                intent_status=intent_status,
+                failed=failed,
+                credited_micros=credited,
+                refunded_micros=refunded,
+                open_disputed_micros=open_micros,
+                lost_disputed_micros=lost_micros,
+            ),
+            charge_id=charge_id,
+            credited_micros=credited,
+            fee_micros=row.fee_micros if fee is None else fee,
+            refunded_micros=refunded,
+            disputed_micros=open_micros + lost_micros,
+            failure_message=None if credited else failure,
+        )
+        await repo.set_topup_state(conn, row.id, state)
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _object_id(event: Event) -> str | None:
+    return _str(event.object.get("id"))

@@ -77,6 +77,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             raise SettingsError(
                 f"{name} is not a centime setting (known: {', '.join(sorted(_env_name(f) for f in fields))})"
             )
+        if value == "":
+            continue  # empty means unset (compose's `${VAR:-}`): the default applies
         raw[field] = value
     for field, value in raw.items():
         try:

@@ -169,6 +169,43 @@ def test_a_bad_value_names_its_variable(name: str, value: str) -> None:
     assert repr(value) in str(raised.value)
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("CENTIME_STRIPE_SECRET_KEY", "pk_test_wrong_kind"),
+        ("CENTIME_STRIPE_PUBLISHABLE_KEY", "sk_test_wrong_kind"),
+        ("CENTIME_STRIPE_API_BASE", "api.stripe.com"),
+        ("CENTIME_STRIPE_TIMEOUT_MS", "99"),
+        ("CENTIME_TOPUP_MIN_MICROS", "0"),
+    ],
+)
+def test_bad_stripe_and_topup_values_name_their_variable(name: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=name):
+        load_settings({name: value})
+
+
+def test_stripe_settings_decode_and_an_empty_value_means_unset() -> None:
+    settings = load_settings(
+        {
+            "CENTIME_STRIPE_SECRET_KEY": "sk_test_abc",
+            "CENTIME_STRIPE_PUBLISHABLE_KEY": "pk_test_abc",
+            "CENTIME_STRIPE_WEBHOOK_SECRET": "whsec_abc",
+            "CENTIME_STRIPE_API_BASE": "http://127.0.0.1:8420",
+        }
+    )
+    assert (settings.stripe_secret_key, settings.stripe_api_base) == ("sk_test_abc", "http://127.0.0.1:8420")
+    unset = load_settings({"CENTIME_STRIPE_SECRET_KEY": "", "CENTIME_DATABASE_URL": ""})
+    assert (unset.stripe_secret_key, unset.database_url) == (None, None)
+    assert (unset.topup_min_micros, unset.topup_max_micros) == (500_000, 10_000_000_000)
+
+
+def test_a_topup_minimum_above_the_maximum_is_refused() -> None:
+    with pytest.raises(
+        SettingsError, match="CENTIME_TOPUP_MIN_MICROS=20 exceeds CENTIME_TOPUP_MAX_MICROS=10"
+    ):
+        load_settings({"CENTIME_TOPUP_MIN_MICROS": "20", "CENTIME_TOPUP_MAX_MICROS": "10"})
+
+
 def test_an_unknown_centime_variable_is_refused() -> None:
     with pytest.raises(SettingsError, match="CENTIME_PARTITON_COUNT is not a centime setting") as raised:
         load_settings({"CENTIME_PARTITON_COUNT": "8"})

@@ -213,14 +213,17 @@ class Cache:
         ]
         return await self._run("load_wallet", [self.wallet_key(wallet_id)], args) == 1
 
-    async def apply_changes(self, wallet_id: uuid.UUID, changes: Sequence[WalletChange]) -> int | None:
-        """Apply changes in seq order, each once. Returns the last change now
-        applied, or None when the wallet is not in Redis (load it first)."""
+    async def apply_changes(
+        self, wallet_id: uuid.UUID, changes: Sequence[WalletChange]
+    ) -> tuple[int, int] | None:
+        """Apply changes in seq order, each once. Returns the last change
+        applied before and after this call, or None when the wallet is not in
+        Redis (load it first)."""
         args: list[Any] = []
         for change in changes:
             args += [change.seq, change.delta_micros, change.status or ""]
         result = await self._run("apply_changes", [self.wallet_key(wallet_id)], args)
-        return None if result[0] == b"missing" else int(result[1])
+        return None if result[0] == b"missing" else (int(result[2]), int(result[1]))
 
     async def undo_reversed(self, *, idempotency_key: str, settling: Settling, undo: Undo) -> bool:
         """Undo a charge the ledger has reversed, wherever it stands in Redis."""

@@ -75,12 +75,13 @@ async def apply_changes(pool: asyncpg.Pool, cache: Cache, wallet_id: uuid.UUID, 
             changes = await repo.pending_changes(conn, wallet_id, CHANGES_BATCH_MAX)
         if not changes:
             return applied_total
-        applied_seq = await cache.apply_changes(wallet_id, changes)
-        if applied_seq is None:  # not in Redis: the ledger holds every committed change
+        applied = await cache.apply_changes(wallet_id, changes)
+        if applied is None:  # not in Redis: the ledger holds every committed change
             async with pool.acquire(timeout=timeout_s) as conn:
                 await load_from_ledger(conn, cache, wallet_id, overwrite=False)
             continue
-        applied_total += sum(1 for change in changes if change.seq <= applied_seq)
+        applied_before, applied_seq = applied
+        applied_total += applied_seq - applied_before
         async with pool.acquire(timeout=timeout_s) as conn:
             await repo.delete_applied_changes(conn, wallet_id, applied_seq)
         if applied_seq < changes[0].seq - 1:

@@ -5,7 +5,8 @@
 --         (absent on a wallet loaded before changes existed: none applied)
 -- ARGV    per change, ascending: seq, delta_micros (signed integer string),
 --         status ('' when unchanged)
--- Returns {'ok', q} with the last change now applied, or {'missing'} when the
+-- Returns {'ok', q, q_before}: the last change now applied, and the last one
+-- applied before this call (so the caller counts only its own); or {'missing'} when the
 -- wallet is not in Redis: the caller loads it from the ledger, which already
 -- holds every committed change, and sets q to match.
 --
@@ -34,4 +35,4 @@ end
 if applied ~= first_applied then
     redis.call('HSET', KEYS[1], 'q', string.format('%d', applied))
 end
-return {'ok', string.format('%d', applied)}
+return {'ok', string.format('%d', applied), string.format('%d', first_applied)}

@@ -36,3 +36,9 @@ outbox_depth = Gauge(
 sweeper_settled_total = Counter(
     "centime_sweeper_settled", "Entries the sweeper settled, by how.", ["how"], registry=registry
 )
+stripe_events_total = Counter(
+    "centime_stripe_events",
+    "Stripe webhook events handled, by type and result (processed, duplicate, ignored).",
+    ["type", "result"],
+    registry=registry,
+)

@@ -61,8 +61,9 @@ def render(
     policy = "; ".join(
         [
             "default-src 'self'",
-            f"script-src 'nonce-{nonce}' {stripe_origin}",
-            f"frame-src {stripe_origin} https://*.stripe.com",
+            # Stripe's security guide: Stripe.js and its sub-domains.
+            f"script-src 'nonce-{nonce}' {stripe_origin} https://*.js.stripe.com",
+            f"frame-src {stripe_origin} https://*.js.stripe.com https://*.stripe.com",
             "connect-src 'self' https://api.stripe.com https://*.stripe.com",
             "img-src 'self' data: https://*.stripe.com",
             "style-src 'self' 'unsafe-inline'",

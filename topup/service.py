@@ -26,6 +26,7 @@ import asyncpg
 import msgspec
 import redis.exceptions
 
+from centime import metrics
 from centime.errors import invariant
 from centime.money import micros_to_minor, minor_to_micros
 from centime.settings import Settings
@@ -310,6 +311,7 @@ class TopUps:
         async with self.pool.acquire(timeout=self._timeout_s) as conn:
             seen = await repo.event_outcome(conn, event.id)
         if seen is not None:
+            metrics.stripe_events_total.labels(event.type, "duplicate").inc()
             return WebhookAnswer(event_id=event.id, outcome="duplicate")
         if event.type in PAYMENT_EVENTS:
             outcome = await self._on_payment_event(event)
@@ -318,6 +320,7 @@ class TopUps:
         else:
             outcome = await self._record_only(event, f"ignored: centime does not act on {event.type}")
         log.info("stripe event %s (%s): %s", event.id, event.type, outcome)
+        metrics.stripe_events_total.labels(event.type, outcome.split(":", 1)[0]).inc()
         return WebhookAnswer(event_id=event.id, outcome=outcome)
 
     async def _record_only(self, event: Event, outcome: str) -> str:

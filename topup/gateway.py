@@ -11,7 +11,13 @@ from typing import Any, TypeVar
 import msgspec
 import stripe
 
-from topup.errors import StripeRefused, StripeUnavailable, WebhookPayloadInvalid, WebhookSignatureInvalid
+from topup.errors import (
+    StripeRefused,
+    StripeUnavailable,
+    TopUpAmountInvalid,
+    WebhookPayloadInvalid,
+    WebhookSignatureInvalid,
+)
 from topup.schemas import BalanceTransaction, Charge, Payment, PaymentIntent, Refund
 
 log = logging.getLogger(__name__)
@@ -70,8 +76,22 @@ class StripeGateway:
     async def _call(self, what: str, call: Awaitable[T]) -> T:
         try:
             return await call
-        except (stripe.APIConnectionError, stripe.RateLimitError, stripe.APIError) as exc:
+        except (
+            stripe.APIConnectionError,
+            stripe.RateLimitError,
+            stripe.APIError,
+            stripe.IdempotencyError,
+        ) as exc:
+            # IdempotencyError: the same request is still running at Stripe.
             raise StripeUnavailable(f"Stripe did not answer {what}: {exc.user_message or exc}") from exc
+        except stripe.InvalidRequestError as exc:
+            if exc.param == "amount":  # below Stripe's minimum for the currency, say
+                raise TopUpAmountInvalid(
+                    f"amount_micros: Stripe refused the amount: {exc.user_message or exc}",
+                    fields=["amount_micros"],
+                ) from exc
+            log.error("Stripe refused %s: %r", what, exc)
+            raise StripeRefused(f"Stripe refused {what}: {exc.user_message or exc}") from exc
         except stripe.StripeError as exc:
             log.error("Stripe refused %s: %r", what, exc)
             raise StripeRefused(f"Stripe refused {what}: {exc.user_message or exc}") from exc

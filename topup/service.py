@@ -59,7 +59,7 @@ from topup.schemas import (
 )
 from wallet import repo as wallet_repo
 from wallet.cache import Cache
-from wallet.changes import apply_changes, write_change
+from wallet.changes import apply_changes, lock_wallet, write_change
 from wallet.errors import IdempotencyConflict, WalletNotFound
 
 log = logging.getLogger(__name__)
@@ -209,13 +209,18 @@ class TopUps:
             # New, or an earlier attempt failed at Stripe: Stripe's own
             # idempotency key (the top-up id) makes this create at most one.
             customer_id = await self._customer(wallet.id, wallet.owner_id)
-            intent_id, client_secret = await gateway.create_payment_intent(
-                topup_id=str(row.id),
-                wallet_id=str(wallet.id),
-                amount_minor=amount_minor,
-                currency=wallet.currency,
-                customer_id=customer_id,
-            )
+            try:
+                intent_id, client_secret = await gateway.create_payment_intent(
+                    topup_id=str(row.id),
+                    wallet_id=str(wallet.id),
+                    amount_minor=amount_minor,
+                    currency=wallet.currency,
+                    customer_id=customer_id,
+                )
+            except TopUpAmountInvalid as refused:
+                async with self.pool.acquire(timeout=self._timeout_s) as conn:
+                    await repo.set_topup_state(conn, row.id, _failed(row, refused.detail))
+                raise
             async with self.pool.acquire(timeout=self._timeout_s) as conn:
                 row = await repo.set_payment_intent(conn, row.id, intent_id, client_secret)
         return self._wire(row, with_secret=True), replayed
@@ -403,8 +408,12 @@ class TopUps:
         changes to Redis."""
         try:
             async with self.pool.acquire(timeout=self._timeout_s) as conn, conn.transaction():
+                # Lock order: the top-up, then its wallet. The wallet lock
+                # serialises events of all the wallet's top-ups, so "is any
+                # dispute still open?" is answered by committed truth.
                 locked = await repo.topup_by_id(conn, row.id, for_update=True)
                 assert locked is not None
+                await lock_wallet(conn, row.wallet_id)
                 effects = await self._settle_payment(conn, locked, payment)
                 if dispute is not None:
                     effects += await self._settle_dispute(conn, locked, dispute)
@@ -599,6 +608,18 @@ class TopUps:
             failure_message=None if credited else failure,
         )
         await repo.set_topup_state(conn, row.id, state)
+
+
+def _failed(row: repo.TopUpRow, message: str) -> repo.TopUpState:
+    return repo.TopUpState(
+        status="failed",
+        charge_id=row.charge_id,
+        credited_micros=row.credited_micros,
+        fee_micros=row.fee_micros,
+        refunded_micros=row.refunded_micros,
+        disputed_micros=row.disputed_micros,
+        failure_message=message[:1000],
+    )
 
 
 def _str(value: object) -> str | None:

@@ -202,6 +202,9 @@ class Cache:
         return await self._run("settle_reversed", keys, args) == 1
 
     async def load_wallet(self, wallet_id: uuid.UUID, wallet: CachedWallet, *, overwrite: bool) -> bool:
+        """True if written. False if the wallet was there (not overwriting),
+        or if Redis has applied later changes than `wallet` includes (then
+        read the ledger again)."""
         args = [
             wallet.balance_micros,
             wallet.overdraft_limit_micros,

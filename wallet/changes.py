@@ -15,6 +15,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import redis.exceptions
 
 from centime.errors import invariant
 from ledger import repo as ledger_repo
@@ -36,6 +37,14 @@ def wallet_delta_micros(entry: EntryRecord) -> int:
     """How much the entry raises the wallet's balance (its liability lines,
     whose credit side is negative)."""
     return -sum(line.amount_micros for line in entry.lines if line.account_id == entry.wallet_id)
+
+
+async def lock_wallet(conn: asyncpg.Connection, wallet_id: uuid.UUID) -> None:
+    """Take the wallet's row lock for the caller's transaction, before it
+    reads what its changes depend on (write_change would take it anyway, but
+    only when writing, too late for a decision made from a read)."""
+    invariant(conn.is_in_transaction(), "a wallet lock is held by a transaction")
+    invariant(await repo.lock_wallet(conn, wallet_id), f"no wallet {wallet_id}")
 
 
 async def write_change(
@@ -107,5 +116,8 @@ async def drain_changes(pool: asyncpg.Pool, cache: Cache, *, wallets_max: int, t
         wallet_ids = await repo.wallets_with_changes(conn, before, wallets_max)
     applied = 0
     for wallet_id in wallet_ids:
-        applied += await apply_changes(pool, cache, wallet_id, timeout_s=timeout_s)
+        try:
+            applied += await apply_changes(pool, cache, wallet_id, timeout_s=timeout_s)
+        except (redis.exceptions.RedisError, asyncpg.PostgresError, OSError, TimeoutError) as exc:
+            log.warning("wallet %s: changes not applied this pass: %r", wallet_id, exc)
     return applied

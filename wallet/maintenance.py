@@ -45,7 +45,23 @@ class CheckReport(msgspec.Struct, kw_only=True):
 
 class RebuildReport(msgspec.Struct, kw_only=True):
     wallets: int = 0
+    wallets_reread: int = 0
     keys_restored: int = 0
+
+
+RELOAD_ATTEMPTS_MAX = 10
+"""Fresh reads of one wallet whose changes keep landing during a rebuild."""
+
+
+async def _reload_newer(pool: asyncpg.Pool, cache: Cache, wallet_id: uuid.UUID) -> int:
+    for attempt in range(1, RELOAD_ATTEMPTS_MAX + 1):
+        async with pool.acquire() as conn:
+            cached = await repo.wallet_for_cache(conn, wallet_id)
+        if cached is None or await cache.load_wallet(wallet_id, cached, overwrite=True):
+            return attempt
+    raise RuntimeError(
+        f"wallet {wallet_id}: changes kept landing during {RELOAD_ATTEMPTS_MAX} reads; run again"
+    )
 
 
 async def rebuild_cache(
@@ -64,7 +80,10 @@ async def rebuild_cache(
             cached = CachedWallet(
                 item.balance_micros, w.overdraft_limit_micros, w.status, w.currency, item.change_seq
             )
-            await cache.load_wallet(w.id, cached, overwrite=True)
+            if not await cache.load_wallet(w.id, cached, overwrite=True):
+                # Redis applied a top-up change committed after this page was
+                # read: read the wallet again rather than step back past it.
+                report.wallets_reread += await _reload_newer(pool, cache, w.id)
         report.wallets += len(page)
         if progress is not None:
             progress(report.wallets)

@@ -85,6 +85,10 @@ async def wallet_for_cache(conn: asyncpg.Connection, wallet_id: uuid.UUID) -> Ca
     )
 
 
+async def lock_wallet(conn: asyncpg.Connection, wallet_id: uuid.UUID) -> bool:
+    return await conn.fetchval(Q["lock_wallet"], wallet_id) is not None
+
+
 async def next_change_seq(conn: asyncpg.Connection, wallet_id: uuid.UUID, status: str | None) -> int | None:
     return await conn.fetchval(Q["next_change_seq"], wallet_id, status)
 

@@ -379,3 +379,43 @@ async def test_without_stripe_settings_topups_answer_503(client: httpx.AsyncClie
         "/v1/webhooks/stripe", content=b"{}", headers={"Stripe-Signature": "t=1,v1=x"}
     )
     assert webhook.status_code == 503
+
+
+async def test_concurrent_dispute_events_leave_the_wallet_frozen_exactly_while_one_is_open(
+    http: httpx.AsyncClient, keys: Keys, fake_stripe: FakeStripe
+) -> None:
+    """Events of different top-ups of one wallet serialise on the wallet: two
+    closures at once unfreeze it; a closure beside an opening leaves it frozen."""
+    wallet_id = await new_wallet(http, keys)
+    client = stripe_client(fake_stripe.base_url)
+    charges = []
+    for _ in range(3):
+        topup = await start_topup(http, keys, wallet_id, 1_000_000)
+        await pay(client, topup["payment_intent_id"])
+        charges.append(await charge_of(fake_stripe, topup["payment_intent_id"]))
+    ids = [f"dp_{secrets.token_hex(8)}" for _ in charges]
+
+    async def dispute_event(i: int, status: str) -> httpx.Response:
+        kind = "charge.dispute.created" if status == "needs_response" else "charge.dispute.closed"
+        return await post_event(
+            http, make_event(kind, make_dispute(charges[i], 100, "usd", dispute_id=ids[i], status=status))
+        )
+
+    async def status() -> str:
+        return (await http.get(f"/v1/wallets/{wallet_id}", headers=auth(keys.read))).json()["status"]
+
+    for i in (0, 1):
+        assert (await dispute_event(i, "needs_response")).status_code == 200
+    answers = await asyncio.gather(dispute_event(0, "won"), dispute_event(1, "won"))
+    assert [a.status_code for a in answers] == [200, 200]
+    assert await status() == "active"
+
+    assert (await dispute_event(0, "needs_response")).json()[
+        "outcome"
+    ] == "processed: no change"  # never reopens
+    assert (await dispute_event(1, "won")).json()["outcome"] == "processed: no change"
+    assert (await dispute_event(2, "needs_response")).status_code == 200
+    assert await status() == "frozen"
+    await dispute_event(2, "lost")
+    assert await status() == "active"
+    assert await balance_of(http, keys, wallet_id) == 3_000_000 - 1_000_000

@@ -13,6 +13,7 @@ import secrets
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import msgspec
@@ -34,6 +35,7 @@ from ledger.accounts import (
 )
 from ledger.ids import uuid7
 from ledger.schemas import EntryKind, EntryRecord
+from wallet import maintenance
 from wallet import repo as wallet_repo
 from wallet.cache import Cache, CachedWallet, WalletChange
 from wallet.changes import (
@@ -618,6 +620,41 @@ async def test_rebuild_cache_then_apply_applies_nothing_twice(harness: Harness) 
     await write_topups(h, lost, [-100])
     assert await apply_changes(h.pool, h.cache, lost, timeout_s=TIMEOUT_S) == 1
     await assert_in_step(h, lost, expected_micros=-20)
+
+
+async def test_rebuild_never_steps_back_past_a_change_applied_meanwhile(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A top-up commits and reaches Redis (its row deleted) between the rebuild's read of a
+    page and its overwrite: the rebuild reads that wallet again instead of losing it."""
+    h = harness
+    wallet_id = await new_wallet(h)
+    await write_topups(h, wallet_id, [1_000])
+    await apply_changes(h.pool, h.cache, wallet_id, timeout_s=TIMEOUT_S)
+    read_page = maintenance.repo.wallets_page
+
+    async def page_then_a_topup(conn: asyncpg.Connection, after: uuid.UUID | None, limit: int) -> Any:
+        page = await read_page(conn, after, limit)
+        if page:
+            await write_topups(h, wallet_id, [2_000])
+            assert await apply_changes(h.pool, h.cache, wallet_id, timeout_s=TIMEOUT_S) == 1
+        return page
+
+    monkeypatch.setattr(maintenance.repo, "wallets_page", page_then_a_topup)
+    report = await rebuild_cache(h.pool, h.cache, idempotency_ttl_s=60)
+    assert (report.wallets, report.wallets_reread) == (1, 1)
+    await assert_in_step(h, wallet_id, expected_micros=3_000)
+    assert await redis_q(h.cache, wallet_id) == 2
+
+
+async def test_load_wallet_refuses_to_overwrite_with_an_older_snapshot(cache: Cache) -> None:
+    wallet_id = await cached_wallet(cache, balance_micros=500, change_seq=4)
+    older = CachedWallet(100, 0, "active", CURRENCY, 3)
+    assert await cache.load_wallet(wallet_id, older, overwrite=True) is False
+    assert await redis_q(cache, wallet_id) == 4 and await redis_balance(cache, wallet_id) == 500
+    same = CachedWallet(700, 0, "active", CURRENCY, 4)
+    assert await cache.load_wallet(wallet_id, same, overwrite=True) is True
+    assert await redis_balance(cache, wallet_id) == 700
 
 
 async def test_check_reports_unapplied_changes(harness: Harness) -> None:

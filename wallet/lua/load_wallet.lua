@@ -6,13 +6,18 @@
 -- ARGV[6] a new epoch: charges made before this load are not undone into it
 -- ARGV[7] the last Postgres-first change the ledger balance includes (q):
 --         apply_changes.lua applies only later ones
--- Returns 1 if written, 0 if it was already there.
+-- Returns 1 if written, 0 if it was already there, 2 if asked to overwrite a
+-- wallet that has applied later changes than ARGV[7] (the caller's ledger
+-- snapshot is older than Redis: read it again, or a change would be lost).
 
 if ARGV[5] == '0' then
     local wallet = redis.call('HMGET', KEYS[1], 'b', 'o', 's', 'c', 'e')
     if wallet[1] and wallet[2] and wallet[3] and wallet[4] and wallet[5] then
         return 0
     end
+end
+if ARGV[5] == '1' and tonumber(redis.call('HGET', KEYS[1], 'q') or '0') > tonumber(ARGV[7]) then
+    return 2
 end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'b', ARGV[1], 'p', '0', 'o', ARGV[2], 's', ARGV[3], 'c', ARGV[4], 'e', ARGV[6], 'q', ARGV[7])

@@ -36,6 +36,12 @@ SELECT w.overdraft_limit_micros, w.status, w.currency, w.change_seq,
   FROM wallets w
  WHERE w.id = $1
 
+-- name: lock_wallet
+-- The wallet's row lock, taken before deciding a change (e.g. whether any
+-- dispute is still open), so decisions about one wallet run one at a time.
+-- NO KEY: the ledger's inserts (a foreign key share lock) are not blocked.
+SELECT id FROM wallets WHERE id = $1 FOR NO KEY UPDATE
+
 -- name: next_change_seq
 -- The wallet's next change number, and its new status if $2 is not NULL.
 -- Holds the wallet's row lock until commit, so changes commit in seq order.
@@ -53,8 +59,13 @@ SELECT seq, delta_micros, status FROM wallet_changes WHERE wallet_id = $1 ORDER 
 DELETE FROM wallet_changes WHERE wallet_id = $1 AND seq <= $2
 
 -- name: wallets_with_changes
--- Wallets with a change written before $1 and not yet applied to Redis.
-SELECT DISTINCT wallet_id FROM wallet_changes WHERE created_at < $1 LIMIT $2
+-- Wallets with a change written before $1 and not yet applied to Redis, in
+-- random order: a wallet stuck on a gap never starves the others. (Few rows
+-- wait here: each is applied within a request or a sweep of its commit.)
+SELECT wallet_id
+  FROM (SELECT DISTINCT wallet_id FROM wallet_changes WHERE created_at < $1) AS waiting
+ ORDER BY random()
+ LIMIT $2
 
 -- name: changes_count
 SELECT count(*) FROM wallet_changes

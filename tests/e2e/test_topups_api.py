@@ -419,3 +419,25 @@ async def test_concurrent_dispute_events_leave_the_wallet_frozen_exactly_while_o
     await dispute_event(2, "lost")
     assert await status() == "active"
     assert await balance_of(http, keys, wallet_id) == 3_000_000 - 1_000_000
+
+
+async def test_signed_but_malformed_events_are_400_and_unknown_ones_ignored(http: httpx.AsyncClient) -> None:
+    not_json = b"not json at all"
+    answer = await post_event(http, not_json)
+    assert answer.status_code == 400 and answer.json()["code"] == "webhook_payload_invalid"
+    broken_dispute = make_event("charge.dispute.created", {"id": "dp_x", "object": "dispute"})
+    answer = await post_event(http, broken_dispute)
+    assert answer.status_code == 400 and answer.json()["code"] == "webhook_payload_invalid"
+    unknown = make_event("invoice.paid", {"id": "in_x", "object": "invoice"})
+    answer = await post_event(http, unknown)
+    assert answer.status_code == 200 and answer.json()["outcome"].startswith("ignored")
+    assert (await post_event(http, unknown)).json()["outcome"] == "duplicate"
+    foreign = make_event(
+        "payment_intent.succeeded", {"id": "pi_foreign", "object": "payment_intent", "metadata": {}}
+    )
+    answer = await post_event(http, foreign)
+    assert answer.status_code == 502, answer.text  # Stripe knows no such PaymentIntent: it retries, nothing moves
+    assert answer.json()["code"] == "stripe_refused"
+    too_big = b"{" + b" " * (2 * 1024 * 1024) + b"}"
+    answer = await post_event(http, too_big)
+    assert answer.status_code == 413

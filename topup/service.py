@@ -106,7 +106,7 @@ def topup_request_hash(amount_micros: int) -> str:
 
 def topup_status(
     *,
-    intent_status: str | None,
+    canceled: bool,
     failed: bool,
     credited_micros: int,
     refunded_micros: int,
@@ -114,7 +114,7 @@ def topup_status(
     lost_disputed_micros: int,
 ) -> str:
     if credited_micros == 0:
-        if intent_status == "canceled":
+        if canceled:
             return "canceled"
         return "failed" if failed else "pending"
     if open_disputed_micros:
@@ -498,8 +498,19 @@ class TopUps:
                     refunded += amount
                     effects.append(f"clawed back {amount} micros (refund {refund.id})")
         error = intent.last_payment_error or {}
-        failure = str(error.get("message") or error.get("code") or "")[:1000] or None
-        await self._save_state(conn, row, payment, credited, fee, refunded, charge_id, failure)
+        failure = None
+        if intent.status == "requires_payment_method" and error:  # the last attempt failed
+            failure = str(error.get("message") or error.get("code") or "payment failed")[:1000]
+        await self._save_state(
+            conn,
+            row,
+            credited_micros=credited,
+            fee_micros=fee,
+            refunded_micros=refunded,
+            charge_id=charge_id,
+            canceled=intent.status == "canceled",
+            failure=failure,
+        )
         return effects
 
     async def _settle_dispute(
@@ -569,43 +580,47 @@ class TopUps:
                 + (f", {amount} micros given back" if closed_as == "won" else "")
             )
         if effects:
-            await self._save_state(conn, current, None, None, None, None, None, current.failure_message)
+            await self._save_state(  # the payment's own state stands
+                conn,
+                current,
+                credited_micros=current.credited_micros,
+                fee_micros=current.fee_micros,
+                refunded_micros=current.refunded_micros,
+                charge_id=current.charge_id,
+                canceled=current.status == "canceled",
+                failure=current.failure_message,
+            )
         return effects
 
     async def _save_state(
         self,
         conn: asyncpg.Connection,
         row: repo.TopUpRow,
-        payment: Payment | None,
-        credited: int | None,
-        fee: int | None,
-        refunded: int | None,
+        *,
+        credited_micros: int,
+        fee_micros: int,
+        refunded_micros: int,
         charge_id: str | None,
+        canceled: bool,
         failure: str | None,
     ) -> None:
-        credited = row.credited_micros if credited is None else credited
-        refunded = row.refunded_micros if refunded is None else refunded
+        """Copy what the ledger now holds of the top-up onto its row."""
         open_micros, lost_micros = await repo.dispute_totals_of_topup(conn, row.id)
-        intent_status = payment.intent.status if payment is not None else None
-        failed = intent_status == "requires_payment_method" and failure is not None
-        if payment is None:  # a dispute changed: the payment's own status stands
-            failed = row.status == "failed"
-            intent_status = "canceled" if row.status == "canceled" else None
         state = repo.TopUpState(
             status=topup_status(
-                intent_status=intent_status,
-                failed=failed,
-                credited_micros=credited,
-                refunded_micros=refunded,
+                canceled=canceled,
+                failed=failure is not None,
+                credited_micros=credited_micros,
+                refunded_micros=refunded_micros,
                 open_disputed_micros=open_micros,
                 lost_disputed_micros=lost_micros,
             ),
             charge_id=charge_id,
-            credited_micros=credited,
-            fee_micros=row.fee_micros if fee is None else fee,
-            refunded_micros=refunded,
+            credited_micros=credited_micros,
+            fee_micros=fee_micros,
+            refunded_micros=refunded_micros,
             disputed_micros=open_micros + lost_micros,
-            failure_message=None if credited else failure,
+            failure_message=None if credited_micros else failure,
         )
         await repo.set_topup_state(conn, row.id, state)
 

@@ -436,7 +436,9 @@ async def test_signed_but_malformed_events_are_400_and_unknown_ones_ignored(http
         "payment_intent.succeeded", {"id": "pi_foreign", "object": "payment_intent", "metadata": {}}
     )
     answer = await post_event(http, foreign)
-    assert answer.status_code == 502, answer.text  # Stripe knows no such PaymentIntent: it retries, nothing moves
+    assert answer.status_code == 502, (
+        answer.text
+    )  # Stripe knows no such PaymentIntent: it retries, nothing moves
     assert answer.json()["code"] == "stripe_refused"
     too_big = b"{" + b" " * (2 * 1024 * 1024) + b"}"
     answer = await post_event(http, too_big)

@@ -32,6 +32,7 @@ from centime.auth import KeyStore, require_scope
 from centime.errors import CentimeError
 from centime.settings import Settings, load_settings
 from ledger.writer import LedgerWriter
+from reconcile.api import ReconciliationController
 from topup.api import CheckoutController, TopUpController
 from topup.gateway import StripeGateway
 from topup.service import TopUps
@@ -252,6 +253,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             cache=cache,
             wallets=wallets,
             topups=TopUps(pool=pool, cache=cache, gateway=gateway, settings=settings),
+            timeout_s=timeout_s,
             key_store=KeyStore(pool, settings.api_key_cache_ttl_s),
         )
         writer.start()
@@ -280,6 +282,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             WalletController,
             TopUpController,
             CheckoutController,
+            ReconciliationController,
             healthz,
             readyz,
             metrics_endpoint,

@@ -1,14 +1,16 @@
-"""The `centime` command: serve, worker, migrate, api-key, rebuild-cache, check."""
+"""The `centime` command: serve, worker, migrate, api-key, rebuild-cache, check, reconcile."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
 import logging
 import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +122,8 @@ def serve(host: str, port: int, workers: int) -> None:
 
 @main.command()
 def worker() -> None:
-    """Run background jobs (the sweeper) until SIGINT or SIGTERM."""
+    """Run background jobs until SIGINT or SIGTERM: the sweeper, and the
+    nightly reconciliation when Stripe is set up."""
     with _stores(_settings()) as settings:
         _run(lambda: _work(settings))
 
@@ -138,14 +141,23 @@ async def _work(settings: Settings) -> None:
     pool = await asyncpg.create_pool(
         settings.database_url,
         min_size=1,
-        max_size=4,
+        max_size=6,
         command_timeout=settings.database_timeout_ms / 1000,
     )
     client = redis_client(settings.redis_url, settings)
     try:
         cache = Cache(client, prefix=settings.redis_prefix, partition_count=settings.partition_count)
         _info(f"centime worker: sweeping every {settings.sweeper_interval_ms} ms")
-        await run_sweeper(pool, cache, settings, stop=stop)
+        async with contextlib.AsyncExitStack() as stack:
+            jobs = [run_sweeper(pool, cache, settings, stop=stop)]
+            if settings.reconcile_nightly and settings.stripe_secret_key is not None:
+                from centime.reconciling import reconciler
+                from reconcile.scheduler import parse_at, run_nightly
+
+                nightly = await stack.enter_async_context(reconciler(settings, pool, cache))
+                _info(f"centime worker: reconciling nightly at {settings.reconcile_at_utc} UTC")
+                jobs.append(run_nightly(nightly, pool, at=parse_at(settings.reconcile_at_utc), stop=stop))
+            await asyncio.gather(*jobs)
     finally:
         await client.aclose()
         await pool.close()
@@ -183,12 +195,14 @@ def api_key_create(name: str, scope: str) -> None:
     click.echo(secret)
 
 
-async def _with_pool_and_cache(settings: Settings, job: Callable[[asyncpg.Pool, Any], Awaitable[Any]]) -> Any:
+async def _with_pool_and_cache(
+    settings: Settings, job: Callable[[asyncpg.Pool, Any], Awaitable[Any]], *, pool_max: int = 2
+) -> Any:
     from centime.app import redis_client
     from wallet.cache import Cache
 
     assert settings.database_url is not None and settings.redis_url is not None
-    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2, command_timeout=60)
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=pool_max, command_timeout=60)
     client = redis_client(settings.redis_url, msgspec.structs.replace(settings, redis_timeout_ms=10_000))
     try:
         return await job(
@@ -205,6 +219,133 @@ def _progress(verb: str) -> Callable[[int], None]:
         _info(f"{verb} {count} wallets...")
 
     return report
+
+
+EXIT_CLEAN, EXIT_UNMATCHED, EXIT_FAILED = 0, 1, 2
+
+
+def _instant(text: str | None, name: str) -> datetime | None:
+    """An ISO 8601 date or time; naive means UTC."""
+    if text is None:
+        return None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not an ISO 8601 date or time", param_hint=name) from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+class _Progress:
+    """Progress on stderr: one line rewritten on a terminal, else a line per step."""
+
+    STEP = 1000
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.last: dict[str, int] = {}
+
+    def __call__(self, phase: str, count: int) -> None:
+        label = {"stripe": "Stripe transactions matched", "ledger": "ledger entries checked"}[phase]
+        if self.tty:
+            click.echo(f"\r{label}: {count}", err=True, nl=False)
+        elif count // self.STEP > self.last.get(phase, -1):
+            self.last[phase] = count // self.STEP
+            click.echo(f"{label}: {count}", err=True)
+
+    def done(self) -> None:
+        if self.tty:
+            click.echo("", err=True)
+
+
+@main.command()
+@click.option("--since", help="Window start, ISO 8601 (UTC if no offset). Default: the previous UTC day.")
+@click.option(
+    "--until", help="Window end (exclusive). Default: the end of --since's day, or today 00:00 UTC."
+)
+@click.option("--dry-run", is_flag=True, help="Report only: heal nothing, repair nothing.")
+@click.option(
+    "--format", "output", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True
+)
+def reconcile(since: str | None, until: str | None, dry_run: bool, output: str) -> None:
+    """Match Stripe's balance transactions of a window against the ledger,
+    heal what is safe (lost top-up credits, missing fees, Redis drift), and
+    report the rest. Exit 0: clean; 1: unmatched items remain; 2: the run failed."""
+    from reconcile.service import ReconcileBusy, default_window
+
+    start, end = _instant(since, "--since"), _instant(until, "--until")
+    if start is None and end is None:
+        start, end = default_window(datetime.now(UTC))
+    elif start is None:
+        assert end is not None
+        start = end - timedelta(days=1)
+    elif end is None:
+        end = start + timedelta(days=1)
+    settings = _settings()
+    if settings.stripe_secret_key is None:
+        _info("reconcile needs CENTIME_STRIPE_SECRET_KEY")
+        sys.exit(EXIT_FAILED)
+    progress = _Progress()
+    try:
+        with _stores(settings) as settings:
+            run, items = _run(lambda: _reconcile(settings, start, end, dry_run, progress))
+    except ReconcileBusy as exc:
+        _info(exc.detail)
+        sys.exit(EXIT_FAILED)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    progress.done()
+    _print_run(run, items, output)
+    sys.exit({"clean": EXIT_CLEAN, "unmatched": EXIT_UNMATCHED}.get(run.status, EXIT_FAILED))
+
+
+async def _reconcile(settings: Settings, start: datetime, end: datetime, dry_run: bool, progress: Any) -> Any:
+    from centime.reconciling import reconciler
+
+    async def job(pool: asyncpg.Pool, cache: Any) -> Any:
+        async with reconciler(settings, pool, cache) as r:
+            return await r.run(start, end, dry_run=dry_run, progress=progress)
+
+    return await _with_pool_and_cache(settings, job, pool_max=4)
+
+
+def _print_run(run: Any, items: list[Any], output: str) -> None:
+    if output == "json":
+        click.echo(msgspec.json.format(msgspec.json.encode({"run": run, "items": items})).decode())
+        return
+    if output == "csv":
+        fields = [f for f in items[0].__struct_fields__] if items else ["category", "detail"]
+        writer = csv.writer(sys.stdout)
+        writer.writerow(fields)
+        for item in items:
+            writer.writerow(["" if getattr(item, f) is None else getattr(item, f) for f in fields])
+        return
+    click.echo(
+        f"run {run.id}  {run.window_start.isoformat()} .. {run.window_end.isoformat()}"
+        f"{'  (dry run)' if run.dry_run else ''}"
+    )
+    click.echo(
+        f"status {run.status}: {run.transactions_seen} Stripe transactions, {run.wallets_checked} wallets, "
+        f"{run.healed} healed, {run.duration_ms} ms"
+    )
+    if run.error:
+        click.echo(f"error: {run.error}")
+    for category, count in run.counts.items():
+        if count:
+            totals = ", ".join(
+                f"{micros} {currency}" for currency, micros in run.totals.get(category, {}).items()
+            )
+            click.echo(f"  {category:<18} {count:>7}   ({totals} micros)")
+    if items:
+        click.echo(
+            f"{'#':>5}  {'category':<18} {'object':<28} {'stripe':>14} {'ledger':>14} {'healed':<6} detail"
+        )
+    for item in items:
+        click.echo(
+            f"{item.item_no:>5}  {item.category:<18} {item.stripe_object_id or item.wallet_id or ''!s:<28} "
+            f"{'' if item.stripe_amount_micros is None else item.stripe_amount_micros:>14} "
+            f"{'' if item.ledger_amount_micros is None else item.ledger_amount_micros:>14} "
+            f"{'yes' if item.healed else 'no':<6} {item.detail}"
+        )
 
 
 @main.command("rebuild-cache")

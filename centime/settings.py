@@ -53,6 +53,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # A top-up's amount, in micros of the currency's major unit (0.50 to 10,000.00).
     topup_min_micros: Annotated[int, msgspec.Meta(ge=1, le=AMOUNT_MICROS_MAX)] = 500_000
     topup_max_micros: Annotated[int, msgspec.Meta(ge=1, le=AMOUNT_MICROS_MAX)] = 10_000_000_000
+    # The nightly reconciliation, run by `centime worker` when Stripe is set up (HH:MM, UTC).
+    reconcile_nightly: bool = True
+    reconcile_at_utc: Annotated[str, msgspec.Meta(pattern="^([01][0-9]|2[0-3]):[0-5][0-9]$")] = "02:00"
 
 
 class SettingsError(Exception):

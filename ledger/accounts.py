@@ -92,6 +92,14 @@ def dispute_lost_lines(currency: str, amount_micros: int) -> tuple[Line, ...]:
     )
 
 
+def stripe_fee_lines(currency: str, fee_micros: int) -> tuple[Line, ...]:
+    """A fee Stripe took that the ledger missed: our expense, out of clearing."""
+    return _nonzero(
+        Line(system_account_id("stripe_fees", currency), fee_micros),
+        Line(system_account_id("stripe_clearing", currency), -fee_micros),
+    )
+
+
 def reversal_of(entry: EntryRecord, reversal_id: uuid.UUID) -> EntryRecord:
     """The entry that undoes `entry`: the same lines, negated."""
     invariant(len(entry.lines) >= 2, f"entry {entry.id} has no lines to reverse")

@@ -18,6 +18,8 @@ EntryKind = Literal[
     "dispute_opened",
     "dispute_won",
     "dispute_lost",
+    # A Stripe fee the ledger missed, healed by the reconciler.
+    "stripe_fee",
 ]
 
 

@@ -297,8 +297,19 @@ def _add_balance_transaction_route(app: web.Application, resources: Any) -> None
             assert isinstance(amount, int) and isinstance(currency, str) and currency
             fee = int(data.get("fee", 0))
             kind = str(data.get("type", "adjustment"))
+            count = int(data.get("count", 1))
+            assert 1 <= count <= 100_000
         except (ValueError, KeyError, TypeError, AssertionError):
             raise UserError(400, "Expected JSON with integer amount and currency") from None
+        if count > 1:  # many alike, each source suffixed with its number: {"count": N, ...}
+            source = data.get("source")
+            for number in range(count):
+                one = {**data, "count": 1, "source": f"{source}_{number}" if source else None}
+                add_one(one, amount, currency, fee, kind)
+            return web.json_response({"added": count})
+        return web.json_response(add_one(data, amount, currency, fee, kind)._export())
+
+    def add_one(data: dict, amount: int, currency: str, fee: int, kind: str) -> Any:
         txn = resources.BalanceTransaction.__new__(resources.BalanceTransaction)
         resources.StripeObject.__init__(txn)  # gives id, created, livemode and stores it
         if data.get("created") is not None:
@@ -327,9 +338,33 @@ def _add_balance_transaction_route(app: web.Application, resources: Any) -> None
         txn.source = data.get("source")
         txn.status = str(data.get("status", "available"))
         txn.type = kind
+        return txn
+
+    async def set_fee(request: web.Request) -> web.StreamResponse:
+        """Change a transaction's fee (tests: a fee Stripe settles after the webhook read it)."""
+        txn = resources.BalanceTransaction._api_retrieve(request.match_info["id"])
+        try:
+            fee = int((await request.json())["fee"])
+        except (ValueError, KeyError, TypeError):
+            raise UserError(400, "Expected JSON with an integer fee") from None
+        txn.fee = fee
+        txn.fee_details = (
+            [
+                {
+                    "amount": fee,
+                    "application": None,
+                    "currency": txn.currency,
+                    "description": None,
+                    "type": "stripe_fee",
+                }
+            ]
+            if fee
+            else []
+        )
         return web.json_response(txn._export())
 
     app.router.add_post("/_config/balance_transactions", add_balance_transaction)
+    app.router.add_post("/_config/balance_transactions/{id}", set_fee)
 
 
 def build_app(fee_bps: int = 0, fee_fixed_minor: int = 0) -> web.Application:

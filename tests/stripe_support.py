@@ -78,6 +78,14 @@ class FakeStripe:
         response.raise_for_status()
         return response.json()
 
+    def set_fee(self, transaction_id: str, fee: int) -> dict[str, Any]:
+        """Changes a balance transaction's fee, as if Stripe settled it after a webhook read it."""
+        response = httpx.post(
+            f"{self.base_url}/_config/balance_transactions/{transaction_id}", json={"fee": fee}
+        )
+        response.raise_for_status()
+        return response.json()
+
     def stop(self) -> None:
         """Terminate, then kill if it has not exited within a bound. Idempotent."""
         if self.process.poll() is None:

@@ -361,6 +361,19 @@ class TopUps:
             return await self._record_only(event, f"ignored: {intent_id} is not a centime top-up")
         return await self._in_transaction(event, row, payment, dispute=dispute)
 
+    async def sync_payment(self, payment_intent_id: str) -> str | None:
+        """Bring the ledger up to date with a PaymentIntent as Stripe has it
+        now, exactly as its webhook events would (the reconciler heals a lost
+        webhook with this). None when it is not a centime top-up."""
+        payment = await self._gateway().payment(payment_intent_id)
+        row = await self._topup_of(payment)
+        if row is None:
+            return None
+        return await self._in_transaction(None, row, payment, dispute=None)
+
+    async def payment_intent_of_charge(self, charge_id: str) -> str | None:
+        return await self._payment_intent_of({"object": "charge", "id": charge_id})
+
     async def _payment_intent_of(self, obj: dict) -> str | None:
         """The PaymentIntent an event's object belongs to."""
         if obj.get("object") == "payment_intent":
@@ -401,7 +414,7 @@ class TopUps:
         return row
 
     async def _in_transaction(
-        self, event: Event, row: repo.TopUpRow, payment: Payment, *, dispute: Dispute | None
+        self, event: Event | None, row: repo.TopUpRow, payment: Payment, *, dispute: Dispute | None
     ) -> str:
         """Bring the ledger up to date with the payment (and the dispute),
         and store the event, in one transaction; then apply the wallet's
@@ -418,7 +431,9 @@ class TopUps:
                 if dispute is not None:
                     effects += await self._settle_dispute(conn, locked, dispute)
                 outcome = f"processed: {', '.join(effects)}" if effects else "processed: no change"
-                if not await repo.insert_event(conn, event.id, event.type, _object_id(event), outcome):
+                if event is not None and not await repo.insert_event(
+                    conn, event.id, event.type, _object_id(event), outcome
+                ):
                     raise _Duplicate
         except _Duplicate:
             return "duplicate"

@@ -29,7 +29,12 @@ SCRIPTS = (
     "restore_key",
     "undo_reversed",
     "apply_changes",
+    "repair_balance",
 )
+
+
+REPAIR_SCAN_MAX = 10_000
+"""Outbox and abandoned entries repair_balance.lua looks through; beyond, it waits."""
 
 
 class CachedWallet(msgspec.Struct, frozen=True):
@@ -272,6 +277,30 @@ class Cache:
             ttl_s,
         ]
         return await self._run("restore_key", keys, args) == 1
+
+    async def repair_balance(
+        self, wallet_id: uuid.UUID, *, read_balance_micros: int, read_change_seq: int, ledger_micros: int
+    ) -> str:
+        """Set the balance to the ledger's if nothing moved it since it was
+        read and no charge of the wallet is in flight (repair_balance.lua)."""
+        p = self.partition(wallet_id)
+        keys = [self.wallet_key(wallet_id), self.outbox_key(p), self.abandoned_key(p)]
+        args = [
+            str(wallet_id),
+            str(read_balance_micros),
+            str(read_change_seq),
+            str(ledger_micros),
+            REPAIR_SCAN_MAX,
+        ]
+        return (await self._run("repair_balance", keys, args)).decode()
+
+    async def balance_states(self, wallet_ids: Sequence[uuid.UUID]) -> list[tuple[int, int, int] | None]:
+        """(balance, pending credits, last change applied) of each wallet, or None if absent."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for wallet_id in wallet_ids:
+                pipe.hmget(self.wallet_key(wallet_id), "b", "p", "q")
+            values = await pipe.execute()
+        return [None if b is None else (int(b), int(p or 0), int(q or 0)) for b, p, q in values]
 
     # Reads -----------------------------------------------------------------
 

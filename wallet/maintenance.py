@@ -4,6 +4,8 @@ bounded pages and report progress."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -15,6 +17,8 @@ from ledger import repo as ledger_repo
 from wallet import repo
 from wallet.cache import Cache, CachedWallet
 from wallet.service import encode_payload, payload_of
+
+log = logging.getLogger(__name__)
 
 WALLETS_PAGE_SIZE = 1000
 ENTRIES_PAGE_SIZE = 1000
@@ -149,3 +153,83 @@ async def check(pool: asyncpg.Pool, cache: Cache, *, progress: Progress | None =
         if len(page) < WALLETS_PAGE_SIZE:
             return report
         after = page[-1].wallet.id
+
+
+class BalanceDrift(msgspec.Struct, frozen=True, kw_only=True):
+    """A wallet whose Redis balance stayed apart from its ledger balance."""
+
+    wallet_id: uuid.UUID
+    currency: str
+    redis_micros: int
+    ledger_micros: int
+    repaired: bool
+
+
+DRIFT_SUSPECTS_MAX = 1000
+"""Wallets looked at again per run; more than this is itself worth a page."""
+
+
+async def find_drift(
+    pool: asyncpg.Pool,
+    cache: Cache,
+    *,
+    repair: bool,
+    settle_wait_s: float,
+    progress: Progress | None = None,
+) -> tuple[int, list[BalanceDrift]]:
+    """Every wallet's Redis balance against its ledger balance, on a live
+    system. A first pass finds suspects; after `settle_wait_s` (longer than a
+    commit may take) each is read again, Redis first, then the ledger. Only a
+    wallet whose Redis state did not move in between, and that still differs,
+    is drift. With `repair`, Redis takes the ledger balance, atomically and
+    only if nothing moved it and no charge of it is in flight
+    (repair_balance.lua). Returns (wallets checked, drifts)."""
+    checked = 0
+    suspects: list[tuple[uuid.UUID, tuple[int, int, int]]] = []
+    after: uuid.UUID | None = None
+    while True:
+        async with pool.acquire() as conn:
+            page = await repo.wallets_page(conn, after, WALLETS_PAGE_SIZE)
+        states = await cache.balance_states([item.wallet.id for item in page])
+        for item, state in zip(page, states, strict=True):
+            if state is not None and state[0] != item.balance_micros and len(suspects) < DRIFT_SUSPECTS_MAX:
+                suspects.append((item.wallet.id, state))
+        checked += len(page)
+        if progress is not None:
+            progress(checked)
+        if len(page) < WALLETS_PAGE_SIZE:
+            break
+        after = page[-1].wallet.id
+    if not suspects:
+        return checked, []
+    await asyncio.sleep(settle_wait_s)
+    drifts: list[BalanceDrift] = []
+    states = await cache.balance_states([wallet_id for wallet_id, _ in suspects])
+    for (wallet_id, first), now in zip(suspects, states, strict=True):
+        if now is None or now != first:
+            continue  # it moved: in use, not drift (the next run looks again)
+        async with pool.acquire() as conn:
+            ledger = await repo.wallet_for_cache(conn, wallet_id)
+        if ledger is None or ledger.balance_micros == now[0]:
+            continue
+        repaired = False
+        if repair and ledger.change_seq == now[2]:
+            outcome = await cache.repair_balance(
+                wallet_id,
+                read_balance_micros=now[0],
+                read_change_seq=now[2],
+                ledger_micros=ledger.balance_micros,
+            )
+            repaired = outcome == "repaired"
+            if not repaired:
+                log.info("wallet %s: drift not repaired (%s)", wallet_id, outcome)
+        drifts.append(
+            BalanceDrift(
+                wallet_id=wallet_id,
+                currency=ledger.currency,
+                redis_micros=now[0],
+                ledger_micros=ledger.balance_micros,
+                repaired=repaired,
+            )
+        )
+    return checked, drifts

@@ -1,0 +1,58 @@
+"""Face: puts the reconciler together (Stripe, the top-up service for
+healing, and the wallet drift check, which `reconcile` may not import)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import asyncpg
+import msgspec
+
+from centime.settings import Settings
+from reconcile.schemas import Drift, DriftReport
+from reconcile.service import Reconciler
+from reconcile.stripe_source import BalanceTransactions
+from topup.gateway import StripeGateway
+from topup.service import TopUps
+from wallet.cache import Cache
+from wallet.maintenance import find_drift
+
+SETTLE_MARGIN_S = 1.0
+"""Added to the commit timeout: how long a wallet must stay still to count as drifted."""
+
+
+@contextlib.asynccontextmanager
+async def reconciler(settings: Settings, pool: asyncpg.Pool, cache: Cache) -> AsyncIterator[Reconciler]:
+    if settings.stripe_secret_key is None:
+        raise ValueError("reconciliation needs CENTIME_STRIPE_SECRET_KEY")
+    gateway = StripeGateway(
+        secret_key=settings.stripe_secret_key,
+        webhook_secret=settings.stripe_webhook_secret,
+        api_base=settings.stripe_api_base,
+        timeout_ms=settings.stripe_timeout_ms,
+    )
+    source = BalanceTransactions(
+        secret_key=settings.stripe_secret_key,
+        api_base=settings.stripe_api_base,
+        timeout_ms=settings.stripe_timeout_ms,
+    )
+    settle_wait_s = settings.commit_timeout_ms / 1000 + SETTLE_MARGIN_S
+
+    async def check_balances(repair: bool) -> DriftReport:
+        checked, drifts = await find_drift(pool, cache, repair=repair, settle_wait_s=settle_wait_s)
+        return DriftReport(
+            wallets_checked=checked, drifts=[msgspec.convert(msgspec.to_builtins(d), Drift) for d in drifts]
+        )
+
+    try:
+        yield Reconciler(
+            pool=pool,
+            topups=TopUps(pool=pool, cache=cache, gateway=gateway, settings=settings),
+            stripe=source,
+            check_balances=check_balances,
+            timeout_s=settings.database_timeout_ms / 1000,
+        )
+    finally:
+        await source.close()
+        await gateway.close()

@@ -1,0 +1,66 @@
+"""HTTP handlers of reconciliation runs (admin): read what the runs found."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from litestar import Controller, get
+from litestar.datastructures import State
+from litestar.params import Parameter
+
+from centime.errors import InvalidRequest
+from centime.wire import problem_responses
+from reconcile.schemas import ITEMS_PAGE_SIZE_MAX, PAGE_SIZE_DEFAULT, RUNS_PAGE_SIZE_MAX, RunDetail, RunPage
+from reconcile.service import RunNotFound, get_run, list_runs
+
+
+def _uuid(raw: str | None, field: str) -> uuid.UUID | None:
+    if raw is None:
+        return None
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise InvalidRequest(f"{field}: not a run id", fields=[field]) from None
+
+
+class ReconciliationController(Controller):
+    path = "/v1/reconciliation/runs"
+    tags = ["reconciliation"]
+
+    @get(
+        "/",
+        opt={"scope": "admin"},
+        summary="List reconciliation runs, newest first",
+        responses=problem_responses(400, 401, 403, 503),
+    )
+    async def list_runs(
+        self,
+        state: State,
+        limit: Annotated[int, Parameter(ge=1, le=RUNS_PAGE_SIZE_MAX)] = PAGE_SIZE_DEFAULT,
+        starting_after: str | None = None,
+    ) -> RunPage:
+        return await list_runs(
+            state.pool, limit=limit, before=_uuid(starting_after, "starting_after"), timeout_s=state.timeout_s
+        )
+
+    @get(
+        "/{run_id:str}",
+        opt={"scope": "admin"},
+        summary="Get a reconciliation run and its items",
+        responses=problem_responses(400, 401, 403, 404, 503),
+    )
+    async def get_run(
+        self,
+        run_id: str,
+        state: State,
+        items_limit: Annotated[int, Parameter(ge=1, le=ITEMS_PAGE_SIZE_MAX)] = 100,
+        items_after: Annotated[int, Parameter(ge=0)] = 0,
+    ) -> RunDetail:
+        try:
+            parsed = uuid.UUID(run_id)
+        except ValueError:
+            raise RunNotFound(f"no reconciliation run {run_id!r}") from None
+        return await get_run(
+            state.pool, parsed, items_limit=items_limit, items_after=items_after, timeout_s=state.timeout_s
+        )

@@ -222,6 +222,8 @@ def _progress(verb: str) -> Callable[[int], None]:
 
 
 EXIT_CLEAN, EXIT_UNMATCHED, EXIT_FAILED = 0, 1, 2
+RECONCILE_EARLIEST = datetime(2010, 1, 1, tzinfo=UTC)
+"""Before Stripe's balance transactions existed."""
 
 
 def _instant(text: str | None, name: str) -> datetime | None:
@@ -273,13 +275,24 @@ def reconcile(since: str | None, until: str | None, dry_run: bool, output: str) 
     from reconcile.service import ReconcileBusy, default_window
 
     start, end = _instant(since, "--since"), _instant(until, "--until")
-    if start is None and end is None:
-        start, end = default_window(datetime.now(UTC))
-    elif start is None:
-        assert end is not None
-        start = end - timedelta(days=1)
-    elif end is None:
-        end = start + timedelta(days=1)
+    now = datetime.now(UTC)
+    try:
+        if start is None and end is None:
+            start, end = default_window(now)
+        elif start is None:
+            assert end is not None
+            start = end - timedelta(days=1)
+        elif end is None:
+            end = start + timedelta(days=1)
+    except OverflowError:
+        raise click.BadParameter(
+            "the window falls outside the calendar", param_hint="--since/--until"
+        ) from None
+    if start < RECONCILE_EARLIEST or end > now + timedelta(days=1):
+        raise click.BadParameter(
+            f"the window must lie between {RECONCILE_EARLIEST.date()} and tomorrow",
+            param_hint="--since/--until",
+        )
     settings = _settings()
     if settings.stripe_secret_key is None:
         _info("reconcile needs CENTIME_STRIPE_SECRET_KEY")
@@ -335,6 +348,11 @@ def _print_run(run: Any, items: list[Any], output: str) -> None:
                 f"{micros} {currency}" for currency, micros in run.totals.get(category, {}).items()
             )
             click.echo(f"  {category:<18} {count:>7}   ({totals} micros)")
+    listed = sum(run.counts.values())
+    if listed > len(items):
+        click.echo(
+            f"(the first {len(items)} of {listed} items; all are in GET /v1/reconciliation/runs/{run.id})"
+        )
     if items:
         click.echo(
             f"{'#':>5}  {'category':<18} {'object':<28} {'stripe':>14} {'ledger':>14} {'healed':<6} detail"

@@ -40,9 +40,13 @@ async def reconciler(settings: Settings, pool: asyncpg.Pool, cache: Cache) -> As
     settle_wait_s = settings.commit_timeout_ms / 1000 + SETTLE_MARGIN_S
 
     async def check_balances(repair: bool) -> DriftReport:
-        checked, drifts = await find_drift(pool, cache, repair=repair, settle_wait_s=settle_wait_s)
+        search = await find_drift(
+            pool, cache, repair=repair, settle_wait_s=settle_wait_s, quiet_s=settings.sweeper_grace_ms / 1000
+        )
         return DriftReport(
-            wallets_checked=checked, drifts=[msgspec.convert(msgspec.to_builtins(d), Drift) for d in drifts]
+            wallets_checked=search.wallets_checked,
+            drifts=[msgspec.convert(msgspec.to_builtins(d), Drift) for d in search.drifts],
+            unexamined=search.unexamined,
         )
 
     try:

@@ -59,3 +59,8 @@ CREATE TABLE reconciliation_items (
     detail                 text NOT NULL CHECK (length(detail) <= 2000),
     PRIMARY KEY (run_id, item_no)
 );
+
+-- Recent reversals of a wallet (the drift check waits for their Redis undo).
+-- Reversals are rare, so this index costs the debit path nothing.
+CREATE INDEX journal_entries_wallet_reversals ON journal_entries (wallet_id, committed_at)
+    WHERE kind = 'reversal';

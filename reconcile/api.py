@@ -55,7 +55,7 @@ class ReconciliationController(Controller):
         run_id: str,
         state: State,
         items_limit: Annotated[int, Parameter(ge=1, le=ITEMS_PAGE_SIZE_MAX)] = 100,
-        items_after: Annotated[int, Parameter(ge=0)] = 0,
+        items_after: Annotated[int, Parameter(ge=0, le=2**31 - 1)] = 0,
     ) -> RunDetail:
         try:
             parsed = uuid.UUID(run_id)

@@ -60,6 +60,10 @@ async def unlock(conn: asyncpg.Connection) -> None:
     await conn.fetchval(Q["unlock"])
 
 
+async def fail_interrupted_runs(conn: asyncpg.Connection) -> None:
+    await conn.execute(Q["fail_interrupted_runs"])
+
+
 async def insert_run(
     conn: asyncpg.Connection, run_id: uuid.UUID, window_start: datetime, window_end: datetime, dry_run: bool
 ) -> None:

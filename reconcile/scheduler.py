@@ -12,8 +12,7 @@ from datetime import UTC, datetime, time, timedelta
 
 import asyncpg
 
-from reconcile import repo
-from reconcile.service import ReconcileBusy, Reconciler, default_window
+from reconcile.service import AlreadyReconciled, ReconcileBusy, Reconciler, default_window
 
 log = logging.getLogger(__name__)
 
@@ -30,26 +29,31 @@ def parse_at(text: str) -> time:
     return time(int(hours), int(minutes), tzinfo=UTC)
 
 
+RETRY_AFTER = timedelta(minutes=30)
+"""A failed nightly run is tried again this much later (the same day only)."""
+
+
 async def run_nightly(reconciler: Reconciler, pool: asyncpg.Pool, *, at: time, stop: asyncio.Event) -> None:
+    """At start, catch up on yesterday if it was never reconciled (the worker
+    was down at `at`); then daily at `at`, retrying a failed run."""
     while not stop.is_set():
-        due = next_run_at(datetime.now(UTC), at)
-        log.info("next reconciliation at %s", due.isoformat())
+        outcome = await run_once(reconciler, pool, now=datetime.now(UTC))
+        now = datetime.now(UTC)
+        due = next_run_at(now, at)
+        if outcome.startswith("failed"):
+            due = min(due, now + RETRY_AFTER)
+        log.info("reconciliation: %s; next at %s", outcome, due.isoformat())
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), (due - datetime.now(UTC)).total_seconds())
-        if stop.is_set():
-            return
-        await run_once(reconciler, pool, now=datetime.now(UTC))
+            await asyncio.wait_for(stop.wait(), (due - now).total_seconds())
 
 
 async def run_once(reconciler: Reconciler, pool: asyncpg.Pool, *, now: datetime) -> str:
     """Reconcile the day before `now`, unless already done. Returns what happened."""
     window_start, window_end = default_window(now)
     try:
-        async with pool.acquire() as conn:
-            done = await repo.finished_run_of_window(conn, window_start, window_end)
-        if done is not None:
-            return f"skipped: run {done} already reconciled {window_start.date()}"
-        run, _ = await reconciler.run(window_start, window_end, dry_run=False)
+        run, _ = await reconciler.run(window_start, window_end, dry_run=False, unless_reconciled=True)
+    except AlreadyReconciled as done:
+        return f"skipped: run {done.run_id} already reconciled {window_start.date()}"
     except ReconcileBusy:
         return "skipped: another worker is running it"
     except Exception as exc:  # the worker keeps sweeping; tomorrow is another run

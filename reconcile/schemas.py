@@ -109,3 +109,5 @@ class Drift(msgspec.Struct, frozen=True, kw_only=True):
 class DriftReport(msgspec.Struct, kw_only=True):
     wallets_checked: int = 0
     drifts: list[Drift] = []
+    # Suspects beyond what one run examines: counted, not examined.
+    unexamined: int = 0

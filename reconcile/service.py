@@ -60,6 +60,8 @@ WINDOW_MAX = timedelta(days=31)
 ITEMS_MAX = 100_000
 """Findings recorded per run; beyond, they are counted but not listed."""
 UNSEEN_PAGE_SIZE = 1000
+STRIPE_LOOKUPS_MAX = 1000
+"""Unlisted ledger claims looked up at Stripe one by one per run; the rest are reported as found."""
 CLAIMS_PAGES_MAX = 10_000
 
 Progress = Callable[[str, int], None]
@@ -70,6 +72,12 @@ class ReconcileBusy(CentimeError):
     status = 409
     code = "reconcile_busy"
     title = "A reconciliation is running"
+
+
+class AlreadyReconciled(Exception):
+    def __init__(self, run_id: uuid.UUID) -> None:
+        super().__init__(f"run {run_id} already reconciled this window")
+        self.run_id = run_id
 
 
 class RunNotFound(NotFound):
@@ -85,7 +93,7 @@ def expected_kind(transaction: BalanceTransaction) -> str | None:
         return "topup"
     if transaction.type in ("refund", "payment_refund") and source.startswith(("re_", "pyr_")):
         return "topup_refund"
-    if source.startswith("dp_"):  # a dispute's withdrawal (< 0) or reinstatement (> 0)
+    if source.startswith(("dp_", "du_")):  # a dispute's withdrawal (< 0) or reinstatement (> 0)
         return "dispute_opened" if transaction.amount < 0 else "dispute_won"
     return None
 
@@ -108,11 +116,16 @@ class Findings:
         self.totals: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self.healed = 0
         self.unhealed = 0
+        self.seen = 0
+        """Stripe transactions of the window matched so far (recorded even if the run fails)."""
         self.recorded = 0
 
     def add(self, item: Item) -> None:
         self.counts[item.category] += 1
-        magnitude = abs(item.stripe_amount_micros or item.ledger_amount_micros or 0)
+        if item.category == "fee_mismatch":  # the difference, not the payments
+            magnitude = abs((item.stripe_fee_micros or 0) - (item.ledger_fee_micros or 0))
+        else:
+            magnitude = abs(item.stripe_amount_micros or item.ledger_amount_micros or 0)
         self.totals[item.category][item.currency or "-"] += magnitude
         if item.healed:
             self.healed += 1
@@ -154,9 +167,12 @@ class Reconciler:
         *,
         dry_run: bool,
         progress: Progress | None = None,
+        unless_reconciled: bool = False,
     ) -> tuple[Run, list[Item]]:
         """One run over [window_start, window_end). Returns the recorded run and
-        its first items. Raises ReconcileBusy when another run holds the lock."""
+        its first items. Raises ReconcileBusy when another run holds the lock,
+        and with `unless_reconciled`, AlreadyReconciled when a finished run
+        covered the window (checked under the lock)."""
         if not window_start < window_end or window_end - window_start > WINDOW_MAX:
             raise ValueError(f"the window must be non-empty and at most {WINDOW_MAX.days} days")
         run_id = uuid7()
@@ -164,18 +180,31 @@ class Reconciler:
             if not await repo.try_lock(conn):
                 raise ReconcileBusy("another reconciliation run holds the lock; try again when it ends")
             try:
+                # Runs a killed process left 'running': we hold the lock, so none runs.
+                await repo.fail_interrupted_runs(conn)
+                if unless_reconciled:
+                    done = await repo.finished_run_of_window(conn, window_start, window_end)
+                    if done is not None:
+                        raise AlreadyReconciled(done)
                 await repo.insert_run(conn, run_id, window_start, window_end, dry_run)
                 findings = Findings()
-                seen = 0
                 error: str | None = None
                 wallets_checked = 0
                 try:
-                    seen = await self._match_stripe(
+                    await self._match_stripe(
                         conn, run_id, window_start, window_end, dry_run, findings, progress
                     )
                     await self._match_ledger(conn, run_id, window_start, window_end, findings, progress)
                     drift = await self.check_balances(not dry_run)
                     wallets_checked = drift.wallets_checked
+                    if drift.unexamined:
+                        findings.add(
+                            Item(
+                                category="balance_drift",
+                                detail=f"{drift.unexamined} more wallets differ from the ledger than one run "
+                                "examines: rebuild the cache (`centime rebuild-cache`) when quiet",
+                            )
+                        )
                     for d in drift.drifts:
                         findings.add(
                             Item(
@@ -200,7 +229,7 @@ class Reconciler:
                     conn,
                     run_id,
                     status=status,
-                    transactions_seen=seen,
+                    transactions_seen=findings.seen,
                     counts=findings.counts,
                     totals=findings.plain_totals(),
                     healed=findings.healed,
@@ -227,10 +256,9 @@ class Reconciler:
         dry_run: bool,
         findings: Findings,
         progress: Progress | None,
-    ) -> int:
+    ) -> None:
         await repo.start_seen(conn)
         start_s, end_s = window_start.timestamp(), window_end.timestamp()
-        seen = 0
         async for page in self.stripe.pages(window_start - WINDOW_MARGIN, window_end + WINDOW_MARGIN):
             objects = {t.id for t in page} | {t.source_id for t in page if t.source_id}
             await repo.add_seen(conn, sorted(objects))
@@ -245,10 +273,9 @@ class Reconciler:
                     if item is not None:
                         findings.add(item)
                 await repo.insert_items(conn, run_id, findings.take())
-            seen += len(in_window)
+            findings.seen += len(in_window)
             if progress is not None:
-                progress("stripe", seen)
-        return seen
+                progress("stripe", findings.seen)
 
     async def _match(
         self,
@@ -384,9 +411,16 @@ class Reconciler:
         end_id = uuid7_floor(int(window_end.timestamp() * 1000))
         after = uuid.UUID(int=0)
         checked = 0
+        lookups = 0
         for _page in range(CLAIMS_PAGES_MAX):
             entries = await repo.ledger_claims_unseen(conn, first_id, end_id, after, UNSEEN_PAGE_SIZE)
             for entry in entries:
+                # Written in the window for an object of another day (a heal,
+                # a webhook retried for days): Stripe has it, just not here.
+                if lookups < STRIPE_LOOKUPS_MAX:
+                    lookups += 1
+                    if await self.stripe.known(entry.stripe_object_id):
+                        continue
                 amount = (
                     entry.amount_micros
                     if entry.kind == "stripe_fee"

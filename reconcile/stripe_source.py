@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
+from typing import TypeVar
 
 import msgspec
 import stripe
@@ -16,6 +17,7 @@ import stripe
 from reconcile.schemas import BalanceTransaction
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PAGE_SIZE = 100
 """Stripe's largest page."""
@@ -58,12 +60,29 @@ class BalanceTransactions:
             params = {**params, "starting_after": items[-1].id}
         raise StripeListFailed(f"more than {PAGES_MAX * PAGE_SIZE} balance transactions in one window")
 
+    async def known(self, object_id: str) -> bool:
+        """Whether Stripe has a balance transaction with this id (txn_), or
+        caused by this object, at any time."""
+        if object_id.startswith("txn_"):
+            try:
+                await self._retrying(lambda: self._client.v1.balance_transactions.retrieve_async(object_id))
+            except StripeListFailed as exc:
+                if isinstance(exc.__cause__, stripe.InvalidRequestError) and exc.__cause__.http_status == 404:
+                    return False
+                raise
+            return True
+        page = await self._page({"source": object_id, "limit": 1})
+        return bool(page.get("data"))
+
     async def _page(self, params: dict) -> dict:
+        page = await self._retrying(lambda: self._client.v1.balance_transactions.list_async(params=params))
+        return page.to_dict()
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
         delay_s = BACKOFF_FIRST_S
         for attempt in range(1, ATTEMPTS_MAX + 1):
             try:
-                page = await self._client.v1.balance_transactions.list_async(params=params)
-                return page.to_dict()
+                return await call()
             except (stripe.RateLimitError, stripe.APIConnectionError, stripe.APIError) as exc:
                 if attempt == ATTEMPTS_MAX:
                     raise StripeListFailed(f"Stripe kept failing after {attempt} attempts: {exc}") from exc

@@ -341,12 +341,16 @@ def _add_balance_transaction_route(app: web.Application, resources: Any) -> None
         return txn
 
     async def set_fee(request: web.Request) -> web.StreamResponse:
-        """Change a transaction's fee (tests: a fee Stripe settles after the webhook read it)."""
+        """Change a transaction's fee (tests: a fee Stripe settles after the webhook read it)
+        and, given `created`, its time (tests: a transaction of another day)."""
         txn = resources.BalanceTransaction._api_retrieve(request.match_info["id"])
         try:
-            fee = int((await request.json())["fee"])
-        except (ValueError, KeyError, TypeError):
-            raise UserError(400, "Expected JSON with an integer fee") from None
+            body = await request.json()
+            fee = int(body.get("fee", txn.fee))
+            if body.get("created") is not None:
+                txn.created = int(body["created"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(400, "Expected JSON with an integer fee or created") from None
         txn.fee = fee
         txn.fee_details = (
             [

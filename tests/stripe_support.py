@@ -78,11 +78,13 @@ class FakeStripe:
         response.raise_for_status()
         return response.json()
 
-    def set_fee(self, transaction_id: str, fee: int) -> dict[str, Any]:
-        """Changes a balance transaction's fee, as if Stripe settled it after a webhook read it."""
-        response = httpx.post(
-            f"{self.base_url}/_config/balance_transactions/{transaction_id}", json={"fee": fee}
-        )
+    def set_fee(
+        self, transaction_id: str, fee: int | None = None, *, created: int | None = None
+    ) -> dict[str, Any]:
+        """Changes a balance transaction's fee, as if Stripe settled it after a webhook read it,
+        and/or its creation time (a transaction of another day)."""
+        body = {key: value for key, value in (("fee", fee), ("created", created)) if value is not None}
+        response = httpx.post(f"{self.base_url}/_config/balance_transactions/{transaction_id}", json=body)
         response.raise_for_status()
         return response.json()
 

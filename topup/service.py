@@ -41,6 +41,7 @@ from ledger.ids import uuid7
 from ledger.schemas import EntryKind, EntryRecord, Line
 from topup import repo
 from topup.errors import (
+    StripeUnavailable,
     TopUpAmountInvalid,
     TopUpNotFound,
     TopUpsDisabled,
@@ -537,8 +538,11 @@ class TopUps:
         current = await repo.topup_by_id(conn, row.id)
         assert current is not None
         if current.credited_micros == 0:
-            log.error("dispute %s on top-up %s, which was never credited: left alone", dispute.id, row.id)
-            return []
+            # Stripe disputes only paid charges: Stripe's read is behind. Not
+            # stored as processed: Stripe retries the event later.
+            raise StripeUnavailable(
+                f"dispute {dispute.id} on top-up {row.id}, which Stripe does not show as paid yet; retry later"
+            )
         invariant(dispute.currency == row.currency, f"dispute {dispute.id} is in {dispute.currency}")
         amount = minor_to_micros(dispute.amount, row.currency)
         effects: list[str] = []

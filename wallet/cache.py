@@ -30,11 +30,20 @@ SCRIPTS = (
     "undo_reversed",
     "apply_changes",
     "repair_balance",
+    "drift_probe",
 )
 
 
 REPAIR_SCAN_MAX = 10_000
 """Outbox and abandoned entries repair_balance.lua looks through; beyond, it waits."""
+
+
+class DriftProbe(msgspec.Struct, frozen=True):
+    balance_micros: int
+    pending_micros: int
+    change_seq: int
+    outbox_last_id: str
+    in_flight: bool
 
 
 class CachedWallet(msgspec.Struct, frozen=True):
@@ -278,20 +287,22 @@ class Cache:
         ]
         return await self._run("restore_key", keys, args) == 1
 
-    async def repair_balance(
-        self, wallet_id: uuid.UUID, *, read_balance_micros: int, read_change_seq: int, ledger_micros: int
-    ) -> str:
-        """Set the balance to the ledger's if nothing moved it since it was
-        read and no charge of the wallet is in flight (repair_balance.lua)."""
+    async def drift_probe(self, wallet_id: uuid.UUID) -> DriftProbe | None:
+        """The wallet's balance, pending credits, last applied change, its
+        partition's last charge id, and whether a charge of it is in flight.
+        None when the wallet is absent."""
         p = self.partition(wallet_id)
         keys = [self.wallet_key(wallet_id), self.outbox_key(p), self.abandoned_key(p)]
-        args = [
-            str(wallet_id),
-            str(read_balance_micros),
-            str(read_change_seq),
-            str(ledger_micros),
-            REPAIR_SCAN_MAX,
-        ]
+        b, pending, q, last_id, busy = await self._run("drift_probe", keys, [str(wallet_id), REPAIR_SCAN_MAX])
+        if b == b"":
+            return None
+        return DriftProbe(int(b), int(pending), int(q), last_id.decode(), busy == 1)
+
+    async def repair_balance(self, wallet_id: uuid.UUID, probe: DriftProbe, *, ledger_micros: int) -> str:
+        """Set the balance to the ledger's if nothing touched the wallet, or
+        charged anything in its partition, since `probe` (repair_balance.lua)."""
+        keys = [self.wallet_key(wallet_id), self.outbox_key(self.partition(wallet_id))]
+        args = [str(probe.balance_micros), str(probe.change_seq), probe.outbox_last_id, str(ledger_micros)]
         return (await self._run("repair_balance", keys, args)).decode()
 
     async def balance_states(self, wallet_ids: Sequence[uuid.UUID]) -> list[tuple[int, int, int] | None]:

@@ -169,22 +169,31 @@ DRIFT_SUSPECTS_MAX = 1000
 """Wallets looked at again per run; more than this is itself worth a page."""
 
 
+class DriftSearch(msgspec.Struct, kw_only=True):
+    wallets_checked: int = 0
+    drifts: list[BalanceDrift] = []
+    # Suspects beyond DRIFT_SUSPECTS_MAX: counted, not examined.
+    unexamined: int = 0
+
+
 async def find_drift(
     pool: asyncpg.Pool,
     cache: Cache,
     *,
     repair: bool,
     settle_wait_s: float,
+    quiet_s: float,
     progress: Progress | None = None,
-) -> tuple[int, list[BalanceDrift]]:
+) -> DriftSearch:
     """Every wallet's Redis balance against its ledger balance, on a live
-    system. A first pass finds suspects; after `settle_wait_s` (longer than a
-    commit may take) each is read again, Redis first, then the ledger. Only a
-    wallet whose Redis state did not move in between, and that still differs,
-    is drift. With `repair`, Redis takes the ledger balance, atomically and
-    only if nothing moved it and no charge of it is in flight
-    (repair_balance.lua). Returns (wallets checked, drifts)."""
-    checked = 0
+    system. A first pass finds suspects. After `settle_wait_s` (longer than a
+    commit may take) each is probed again, Redis first (drift_probe.lua), then
+    the ledger is read. Drift is a wallet whose Redis state did not move in
+    between, with no charge in flight and no reversal in the last `quiet_s`
+    (its undo may still be on the way), that still differs. With `repair`,
+    Redis takes the ledger balance, only if nothing touched the wallet or
+    charged in its partition since the probe (repair_balance.lua)."""
+    search = DriftSearch()
     suspects: list[tuple[uuid.UUID, tuple[int, int, int]]] = []
     after: uuid.UUID | None = None
     while True:
@@ -192,44 +201,49 @@ async def find_drift(
             page = await repo.wallets_page(conn, after, WALLETS_PAGE_SIZE)
         states = await cache.balance_states([item.wallet.id for item in page])
         for item, state in zip(page, states, strict=True):
-            if state is not None and state[0] != item.balance_micros and len(suspects) < DRIFT_SUSPECTS_MAX:
-                suspects.append((item.wallet.id, state))
-        checked += len(page)
+            if state is not None and state[0] != item.balance_micros:
+                if len(suspects) < DRIFT_SUSPECTS_MAX:
+                    suspects.append((item.wallet.id, state))
+                else:
+                    search.unexamined += 1
+        search.wallets_checked += len(page)
         if progress is not None:
-            progress(checked)
+            progress(search.wallets_checked)
         if len(page) < WALLETS_PAGE_SIZE:
             break
         after = page[-1].wallet.id
     if not suspects:
-        return checked, []
+        return search
     await asyncio.sleep(settle_wait_s)
-    drifts: list[BalanceDrift] = []
-    states = await cache.balance_states([wallet_id for wallet_id, _ in suspects])
-    for (wallet_id, first), now in zip(suspects, states, strict=True):
-        if now is None or now != first:
-            continue  # it moved: in use, not drift (the next run looks again)
+    for wallet_id, first in suspects:
+        probe = await cache.drift_probe(wallet_id)
+        if (
+            probe is None
+            or probe.in_flight
+            or (probe.balance_micros, probe.pending_micros, probe.change_seq) != first
+        ):
+            continue  # in use: not drift (the next run looks again)
         async with pool.acquire() as conn:
-            ledger = await repo.wallet_for_cache(conn, wallet_id)
-        if ledger is None or ledger.balance_micros == now[0]:
-            continue
+            ledger = await repo.wallet_for_cache(conn, wallet_id)  # read after the probe
+            if ledger is None or ledger.balance_micros == probe.balance_micros:
+                continue
+            if ledger.change_seq != probe.change_seq:
+                continue  # a top-up change on its way to Redis: not drift
+            if await repo.recent_reversal(conn, wallet_id, quiet_s):
+                continue
         repaired = False
-        if repair and ledger.change_seq == now[2]:
-            outcome = await cache.repair_balance(
-                wallet_id,
-                read_balance_micros=now[0],
-                read_change_seq=now[2],
-                ledger_micros=ledger.balance_micros,
-            )
+        if repair and probe.pending_micros == 0:
+            outcome = await cache.repair_balance(wallet_id, probe, ledger_micros=ledger.balance_micros)
             repaired = outcome == "repaired"
             if not repaired:
                 log.info("wallet %s: drift not repaired (%s)", wallet_id, outcome)
-        drifts.append(
+        search.drifts.append(
             BalanceDrift(
                 wallet_id=wallet_id,
                 currency=ledger.currency,
-                redis_micros=now[0],
+                redis_micros=probe.balance_micros,
                 ledger_micros=ledger.balance_micros,
                 repaired=repaired,
             )
         )
-    return checked, drifts
+    return search

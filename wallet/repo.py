@@ -89,6 +89,10 @@ async def lock_wallet(conn: asyncpg.Connection, wallet_id: uuid.UUID) -> bool:
     return await conn.fetchval(Q["lock_wallet"], wallet_id) is not None
 
 
+async def recent_reversal(conn: asyncpg.Connection, wallet_id: uuid.UUID, within_s: float) -> bool:
+    return await conn.fetchval(Q["recent_reversal"], wallet_id, float(within_s))
+
+
 async def next_change_seq(conn: asyncpg.Connection, wallet_id: uuid.UUID, status: str | None) -> int | None:
     return await conn.fetchval(Q["next_change_seq"], wallet_id, status)
 

@@ -45,10 +45,19 @@ SELECT * FROM reconciliation_runs WHERE ($1::uuid IS NULL OR id < $1::uuid) ORDE
 SELECT * FROM reconciliation_runs WHERE id = $1
 
 -- name: finished_run_of_window
--- A run that already covered this window for real (the scheduler's guard).
+-- A run that already covered this window for real, started after the window
+-- had ended (a manual run of a day still under way does not count).
 SELECT id FROM reconciliation_runs
  WHERE window_start = $1 AND window_end = $2 AND NOT dry_run AND status IN ('clean', 'unmatched')
+   AND started_at >= window_end
  LIMIT 1
+
+-- name: fail_interrupted_runs
+-- Runs left 'running' by a process that died: the lock is ours, so none is.
+UPDATE reconciliation_runs
+   SET status = 'failed', error = 'interrupted: the process ended before the run did', finished_at = now(),
+       duration_ms = (extract(epoch FROM now() - started_at) * 1000)::integer
+ WHERE status = 'running' 
 
 -- name: items_page
 SELECT * FROM reconciliation_items WHERE run_id = $1 AND item_no > $2 ORDER BY item_no LIMIT $3

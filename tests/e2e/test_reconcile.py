@@ -277,3 +277,14 @@ async def test_two_concurrent_runs_never_both_heal(world: World) -> None:
         assert await conn.fetchval("SELECT count(*) FROM journal_entries WHERE kind = 'topup'") == 1
     finally:
         await conn.close()
+
+
+async def test_an_entry_for_an_object_of_another_day_is_not_missing_in_stripe(world: World) -> None:
+    """A credit written today for a charge Stripe listed days ago (a heal, a webhook
+    retried for days) is looked up at Stripe rather than reported."""
+    topup = await paid_topup(world, 4_000_000)
+    transaction_id = await transaction_of(world, topup)
+    two_days_ago = int((datetime.now(UTC) - timedelta(days=2)).timestamp())
+    world.fake.set_fee(transaction_id, created=two_days_ago)
+    code, report = reconcile(world)
+    assert (code, report["items"], report["run"]["transactions_seen"]) == (0, [], 0), report

@@ -443,3 +443,16 @@ async def test_signed_but_malformed_events_are_400_and_unknown_ones_ignored(http
     too_big = b"{" + b" " * (2 * 1024 * 1024) + b"}"
     answer = await post_event(http, too_big)
     assert answer.status_code == 413
+
+
+async def test_a_dispute_on_a_payment_stripe_shows_unpaid_is_retried_not_swallowed(
+    http: httpx.AsyncClient, keys: Keys
+) -> None:
+    wallet_id = await new_wallet(http, keys)
+    topup = await start_topup(http, keys, wallet_id, 1_000_000)  # never paid
+    dispute = make_dispute("ch_unpaid", 100, "usd", payment_intent=topup["payment_intent_id"])
+    event = make_event("charge.dispute.created", dispute)
+    for _ in range(2):  # not stored as processed: each delivery is tried again
+        answer = await post_event(http, event)
+        assert answer.status_code == 503 and answer.json()["code"] == "stripe_unavailable", answer.text
+    assert (await topup_of(http, keys, topup["id"]))["status"] == "pending"

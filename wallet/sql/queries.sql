@@ -69,3 +69,11 @@ SELECT wallet_id
 
 -- name: changes_count
 SELECT count(*) FROM wallet_changes
+
+-- name: recent_reversal
+-- Whether a reversal of this wallet committed in the last $2 seconds: its
+-- undo in Redis may still be on its way (see the partial index in 0003).
+SELECT EXISTS (
+    SELECT 1 FROM journal_entries
+     WHERE wallet_id = $1 AND kind = 'reversal' AND committed_at > now() - make_interval(secs => $2)
+)

@@ -107,6 +107,9 @@ def embedded_stores(data_dir: Path) -> Iterator[EmbeddedStores]:
         yield stores
     finally:
         restore_sigterm()
+        # A second Ctrl-C (a terminal signals uv and the server alike) must
+        # not cut the shutdown short and leave a store running.
+        restore_sigint = _ignore_sigint()
         try:
             with _flock(data_dir / "start.lock"):
                 if _try_flock(users, fcntl.LOCK_EX):  # we were the last user
@@ -114,6 +117,15 @@ def embedded_stores(data_dir: Path) -> Iterator[EmbeddedStores]:
                     _say(f"stopped embedded Postgres and Redis (data kept in {data_dir})")
         finally:
             users.close()
+            restore_sigint()
+
+
+def _ignore_sigint() -> Callable[[], None]:
+    """Ignore SIGINT until the returned function restores it (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return lambda: signal.signal(signal.SIGINT, previous)
 
 
 # -- start, join, stop -------------------------------------------------------------

@@ -30,6 +30,7 @@ from stripe_support import FakeStripe, register_webhook, start_fake_stripe
 from centime.auth import create_api_key
 from centime.migrate import migrate
 from centime.settings import Settings, load_settings
+from wallet.cache import Cache
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_ID = secrets.token_hex(4)
@@ -339,3 +340,30 @@ def stripe_server(stripe_settings: Settings, fake_stripe: FakeStripe) -> Iterato
     )
     yield running
     stop_server(running)
+
+
+# Postgres and Redis of a test's own, in-process -------------------------------------
+
+HARNESS_PARTITIONS = 4
+"""Few partitions: tests put several wallets in one."""
+
+
+class Harness(msgspec.Struct):
+    pool: asyncpg.Pool
+    cache: Cache
+
+
+@pytest.fixture
+async def harness(settings: Settings, private_database: str) -> AsyncIterator[Harness]:
+    """A database of the test's own (jobs like drain, rebuild, check and find_drift look at
+    every wallet) and a Redis prefix of its own."""
+    pool = await asyncpg.create_pool(private_database, min_size=1, max_size=12)
+    prefix = f"{settings.redis_prefix}h{secrets.token_hex(3)}"
+    assert settings.redis_url is not None
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        yield Harness(pool, Cache(client, prefix=prefix, partition_count=HARNESS_PARTITIONS))
+    finally:
+        await client.aclose()
+        await delete_prefix(settings.redis_url, prefix)
+        await pool.close()

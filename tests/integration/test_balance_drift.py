@@ -12,17 +12,15 @@ from __future__ import annotations
 import asyncio
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import asyncpg
 import msgspec
 import pytest
-import redis.asyncio as aioredis
-from conftest import delete_prefix
+from conftest import HARNESS_PARTITIONS, Harness
 
 import wallet.cache as cache_module
-from centime.settings import Settings
 from ledger import repo as ledger_repo
 from ledger.accounts import topup_lines
 from ledger.ids import uuid7
@@ -30,38 +28,19 @@ from ledger.schemas import EntryRecord
 from ledger.writer import write_with_reversal
 from wallet import maintenance
 from wallet import repo as wallet_repo
-from wallet.cache import Cache, DriftProbe
+from wallet.cache import DriftProbe
 from wallet.changes import apply_changes, load_from_ledger, write_change
 from wallet.maintenance import BalanceDrift, find_drift
 from wallet.schemas import EntryPayload
 from wallet.service import decode_payload, encode_payload, record_from_payload, request_hash
 
-PARTITIONS = 4
+PARTITIONS = HARNESS_PARTITIONS
 CURRENCY = "usd"
 TIMEOUT_S = 5.0
 SETTLE_S = 0.05
 QUIET_S = 30.0
 """The sweeper's default grace: a reversal younger than this may still be undoing in Redis."""
 FUNDS = 5_000_000
-
-
-class Harness(msgspec.Struct):
-    pool: asyncpg.Pool
-    cache: Cache
-
-
-@pytest.fixture
-async def harness(settings: Settings, private_database: str) -> AsyncIterator[Harness]:
-    """A database of the test's own (find_drift looks at every wallet) and a Redis prefix."""
-    pool = await asyncpg.create_pool(private_database, min_size=1, max_size=6)
-    prefix = f"{settings.redis_prefix}bd{secrets.token_hex(3)}"
-    client = aioredis.Redis.from_url(settings.redis_url)
-    try:
-        yield Harness(pool, Cache(client, prefix=prefix, partition_count=PARTITIONS))
-    finally:
-        await client.aclose()
-        await delete_prefix(settings.redis_url, prefix)
-        await pool.close()
 
 
 async def top_up(h: Harness, wallet_id: uuid.UUID, micros: int, *, apply: bool = True) -> None:

@@ -16,10 +16,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-import msgspec
 import pytest
 import redis.asyncio as aioredis
-from conftest import delete_prefix
+from conftest import HARNESS_PARTITIONS, Harness, delete_prefix
 
 import wallet.changes as changes_module
 from centime.errors import InvariantViolation
@@ -47,7 +46,7 @@ from wallet.changes import (
 )
 from wallet.maintenance import check, rebuild_cache
 
-PARTITIONS = 4
+PARTITIONS = HARNESS_PARTITIONS
 CURRENCY = "usd"
 TIMEOUT_S = 5.0
 MANY_CHANGES = 250
@@ -68,25 +67,6 @@ async def cache(settings: Settings) -> AsyncIterator[Cache]:
     finally:
         await client.aclose()
         await delete_prefix(settings.redis_url, prefix)
-
-
-class Harness(msgspec.Struct):
-    pool: asyncpg.Pool
-    cache: Cache
-
-
-@pytest.fixture
-async def harness(settings: Settings, private_database: str) -> AsyncIterator[Harness]:
-    """A database of the test's own (drain, rebuild and check see every wallet) and a Redis prefix."""
-    pool = await asyncpg.create_pool(private_database, min_size=1, max_size=12)
-    prefix = f"{settings.redis_prefix}wc{secrets.token_hex(3)}"
-    client = aioredis.Redis.from_url(settings.redis_url)
-    try:
-        yield Harness(pool, Cache(client, prefix=prefix, partition_count=PARTITIONS))
-    finally:
-        await client.aclose()
-        await delete_prefix(settings.redis_url, prefix)
-        await pool.close()
 
 
 async def cached_wallet(

@@ -25,6 +25,7 @@ from conftest import (
     Keys,
     Server,
     auth,
+    delete_prefix,
     make_keys,
     new_wallet,
     settings_env,
@@ -84,6 +85,8 @@ async def world(settings: Settings, private_database: str, own_fake: FakeStripe)
             )
     finally:
         stop_server(server)
+        assert own.redis_url is not None
+        await delete_prefix(own.redis_url, own.redis_prefix)
 
 
 def reconcile(world: World, *args: str) -> tuple[int, dict[str, Any]]:

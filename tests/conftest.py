@@ -354,6 +354,20 @@ class Harness(msgspec.Struct):
 
 
 @pytest.fixture
+async def cache(settings: Settings) -> AsyncIterator[Cache]:
+    """A Cache under a Redis prefix of the test's own: no running server or
+    sweeper reads its outboxes. For the Lua scripts alone (no database)."""
+    prefix = f"{settings.redis_prefix}c{secrets.token_hex(3)}"
+    assert settings.redis_url is not None
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        yield Cache(client, prefix=prefix, partition_count=HARNESS_PARTITIONS)
+    finally:
+        await client.aclose()
+        await delete_prefix(settings.redis_url, prefix)
+
+
+@pytest.fixture
 async def harness(settings: Settings, private_database: str) -> AsyncIterator[Harness]:
     """A database of the test's own (jobs like drain, rebuild, check and find_drift look at
     every wallet) and a Redis prefix of its own."""

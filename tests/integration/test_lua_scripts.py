@@ -8,37 +8,22 @@ import json
 import re
 import secrets
 import uuid
-from collections.abc import AsyncIterator
 
 import msgspec
 import pytest
-import redis.asyncio as aioredis
 import redis.exceptions
-from conftest import ROOT, delete_prefix
+from conftest import HARNESS_PARTITIONS, ROOT
 from redis.crc import key_slot
 
 from centime.money import AMOUNT_MICROS_MAX
-from centime.settings import Settings
 from wallet.cache import SCRIPTS, Cache, CachedWallet, Settling, Undo
 
-PARTITIONS = 4
+PARTITIONS = HARNESS_PARTITIONS
 TTL_S = 120
 _TAG = re.compile(r"\{([^}]*)\}")
 _EPOCH = re.compile(r"[0-9a-f]{16}")  # secrets.token_hex(8), written by load_wallet.lua
 
 SETTLED, ABANDONED_FIRST, SETTLED_BEFORE = 1, 2, 0  # settle_committed's answers
-
-
-@pytest.fixture
-async def cache(settings: Settings) -> AsyncIterator[Cache]:
-    # A prefix of this test's own: no running server or sweeper reads these outboxes.
-    prefix = f"{settings.redis_prefix}lua{secrets.token_hex(3)}"
-    client = aioredis.Redis.from_url(settings.redis_url)
-    try:
-        yield Cache(client, prefix=prefix, partition_count=PARTITIONS)
-    finally:
-        await client.aclose()
-        await delete_prefix(settings.redis_url, prefix)
 
 
 async def new_wallet(

@@ -11,19 +11,16 @@ import asyncio
 import random
 import secrets
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import pytest
-import redis.asyncio as aioredis
-from conftest import HARNESS_PARTITIONS, Harness, delete_prefix
+from conftest import HARNESS_PARTITIONS, Harness
 
 import wallet.changes as changes_module
 from centime.errors import InvariantViolation
 from centime.money import AMOUNT_MICROS_MAX
-from centime.settings import Settings
 from ledger import repo as ledger_repo
 from ledger.accounts import (
     dispute_lost_lines,
@@ -55,18 +52,6 @@ assert MANY_CHANGES > 2 * CHANGES_BATCH_MAX
 
 
 # Fixtures and helpers ---------------------------------------------------------------
-
-
-@pytest.fixture
-async def cache(settings: Settings) -> AsyncIterator[Cache]:
-    """A Cache under a prefix of this test's own, for the script alone."""
-    prefix = f"{settings.redis_prefix}wc{secrets.token_hex(3)}"
-    client = aioredis.Redis.from_url(settings.redis_url)
-    try:
-        yield Cache(client, prefix=prefix, partition_count=PARTITIONS)
-    finally:
-        await client.aclose()
-        await delete_prefix(settings.redis_url, prefix)
 
 
 async def cached_wallet(

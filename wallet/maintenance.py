@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -68,6 +68,25 @@ async def _reload_newer(pool: asyncpg.Pool, cache: Cache, wallet_id: uuid.UUID) 
     )
 
 
+async def _wallet_pages(
+    pool: asyncpg.Pool, progress: Progress | None
+) -> AsyncIterator[list[repo.WalletWithBalance]]:
+    """Every wallet, with its ledger balance, a page at a time in id order;
+    `progress` hears the count once each page has been handled."""
+    handled = 0
+    after: uuid.UUID | None = None
+    while True:
+        async with pool.acquire() as conn:
+            page = await repo.wallets_page(conn, after, WALLETS_PAGE_SIZE)
+        yield page
+        handled += len(page)
+        if progress is not None:
+            progress(handled)
+        if len(page) < WALLETS_PAGE_SIZE:
+            return
+        after = page[-1].wallet.id
+
+
 async def rebuild_cache(
     pool: asyncpg.Pool, cache: Cache, *, idempotency_ttl_s: int, progress: Progress | None = None
 ) -> RebuildReport:
@@ -75,10 +94,7 @@ async def rebuild_cache(
     restore the idempotency records of entries younger than the TTL. Run it
     when quiescent: a charge not yet committed would be forgotten."""
     report = RebuildReport()
-    after: uuid.UUID | None = None
-    while True:
-        async with pool.acquire() as conn:
-            page = await repo.wallets_page(conn, after, WALLETS_PAGE_SIZE)
+    async for page in _wallet_pages(pool, progress):
         for item in page:
             w = item.wallet
             cached = CachedWallet(
@@ -89,11 +105,6 @@ async def rebuild_cache(
                 # read: read the wallet again rather than step back past it.
                 report.wallets_reread += await _reload_newer(pool, cache, w.id)
         report.wallets += len(page)
-        if progress is not None:
-            progress(report.wallets)
-        if len(page) < WALLETS_PAGE_SIZE:
-            break
-        after = page[-1].wallet.id
     now = datetime.now(UTC)
     since = now - timedelta(seconds=idempotency_ttl_s)
     after_entry: uuid.UUID | None = None
@@ -133,10 +144,7 @@ async def check(pool: asyncpg.Pool, cache: Cache, *, progress: Progress | None =
     report.unsettled_entries = await cache.outbox_depth()
     async with pool.acquire() as conn:
         report.unapplied_changes = await repo.changes_count(conn)
-    after: uuid.UUID | None = None
-    while True:
-        async with pool.acquire() as conn:
-            page = await repo.wallets_page(conn, after, WALLETS_PAGE_SIZE)
+    async for page in _wallet_pages(pool, progress):
         cached = await cache.balances([item.wallet.id for item in page])
         for item, redis_balance in zip(page, cached, strict=True):
             if (
@@ -148,11 +156,7 @@ async def check(pool: asyncpg.Pool, cache: Cache, *, progress: Progress | None =
                     f"wallet {item.wallet.id}: redis {redis_balance} != ledger {item.balance_micros} micros"
                 )
         report.wallets_checked += len(page)
-        if progress is not None:
-            progress(report.wallets_checked)
-        if len(page) < WALLETS_PAGE_SIZE:
-            return report
-        after = page[-1].wallet.id
+    return report
 
 
 class BalanceDrift(msgspec.Struct, frozen=True, kw_only=True):
@@ -195,10 +199,7 @@ async def find_drift(
     charged in its partition since the probe (repair_balance.lua)."""
     search = DriftSearch()
     suspects: list[tuple[uuid.UUID, tuple[int, int, int]]] = []
-    after: uuid.UUID | None = None
-    while True:
-        async with pool.acquire() as conn:
-            page = await repo.wallets_page(conn, after, WALLETS_PAGE_SIZE)
+    async for page in _wallet_pages(pool, progress):
         states = await cache.balance_states([item.wallet.id for item in page])
         for item, state in zip(page, states, strict=True):
             if state is not None and state[0] != item.balance_micros:
@@ -207,11 +208,6 @@ async def find_drift(
                 else:
                     search.unexamined += 1
         search.wallets_checked += len(page)
-        if progress is not None:
-            progress(search.wallets_checked)
-        if len(page) < WALLETS_PAGE_SIZE:
-            break
-        after = page[-1].wallet.id
     if not suspects:
         return search
     await asyncio.sleep(settle_wait_s)

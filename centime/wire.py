@@ -7,6 +7,7 @@ decoders built once per struct. A failure names the offending field."""
 from __future__ import annotations
 
 import re
+import uuid
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -20,6 +21,17 @@ T = TypeVar("T")
 _PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 _UNKNOWN = re.compile(r"unknown field `([^`]*)`")
 _decoders: dict[type, msgspec.json.Decoder] = {}
+
+
+def parse_cursor(raw: str | None, *, field: str, names: str) -> uuid.UUID | None:
+    """A paging cursor (the id of the last item seen), or None; 400 naming
+    the field when it is not an id."""
+    if raw is None:
+        return None
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise InvalidRequest(f"{field}: not {names}", fields=[field]) from None
 
 
 def decode_body(body: bytes, struct: type[T]) -> T:

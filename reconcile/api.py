@@ -9,19 +9,9 @@ from litestar import Controller, get
 from litestar.datastructures import State
 from litestar.params import Parameter
 
-from centime.errors import InvalidRequest
-from centime.wire import problem_responses
+from centime.wire import parse_cursor, problem_responses
 from reconcile.schemas import ITEMS_PAGE_SIZE_MAX, PAGE_SIZE_DEFAULT, RUNS_PAGE_SIZE_MAX, RunDetail, RunPage
 from reconcile.service import RunNotFound, get_run, list_runs
-
-
-def _uuid(raw: str | None, field: str) -> uuid.UUID | None:
-    if raw is None:
-        return None
-    try:
-        return uuid.UUID(raw)
-    except ValueError:
-        raise InvalidRequest(f"{field}: not a run id", fields=[field]) from None
 
 
 class ReconciliationController(Controller):
@@ -41,7 +31,10 @@ class ReconciliationController(Controller):
         starting_after: str | None = None,
     ) -> RunPage:
         return await list_runs(
-            state.pool, limit=limit, before=_uuid(starting_after, "starting_after"), timeout_s=state.timeout_s
+            state.pool,
+            limit=limit,
+            before=parse_cursor(starting_after, field="starting_after", names="a run id"),
+            timeout_s=state.timeout_s,
         )
 
     @get(

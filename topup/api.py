@@ -10,8 +10,7 @@ from typing import Annotated
 from litestar import Controller, MediaType, Request, Response, get, post
 from litestar.params import Parameter
 
-from centime.errors import InvalidRequest
-from centime.wire import decode_body, json_body, problem_responses
+from centime.wire import decode_body, json_body, parse_cursor, problem_responses
 from topup.checkout import render
 from topup.errors import TopUpNotFound, WebhookSignatureInvalid
 from topup.schemas import (
@@ -49,15 +48,6 @@ def parse_topup_id(raw: str) -> uuid.UUID:
         return uuid.UUID(raw)
     except ValueError:
         raise TopUpNotFound(f"no top-up {raw!r}") from None
-
-
-def _cursor(raw: str | None) -> uuid.UUID | None:
-    if raw is None:
-        return None
-    try:
-        return uuid.UUID(raw)
-    except ValueError:
-        raise InvalidRequest("starting_after: not a top-up id", fields=["starting_after"]) from None
 
 
 class TopUpController(Controller):
@@ -102,7 +92,9 @@ class TopUpController(Controller):
         starting_after: str | None = None,
     ) -> TopUpPage:
         return await topups.list_topups(
-            parse_wallet_id(wallet_id), limit=limit, starting_after=_cursor(starting_after)
+            parse_wallet_id(wallet_id),
+            limit=limit,
+            starting_after=parse_cursor(starting_after, field="starting_after", names="a top-up id"),
         )
 
     @post(

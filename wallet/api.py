@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Annotated
 
 from litestar import Controller, Response, get, post
 from litestar.params import Parameter
 
-from centime.errors import InvalidRequest
-from centime.wire import decode_body, json_body, problem_responses
+from centime.wire import decode_body, json_body, parse_cursor, problem_responses
 from wallet.schemas import (
     IDEMPOTENCY_KEY_CHARS_MAX,
     PAGE_SIZE_DEFAULT,
@@ -131,10 +129,5 @@ class WalletController(Controller):
         limit: Annotated[int, Parameter(ge=1, le=PAGE_SIZE_MAX)] = PAGE_SIZE_DEFAULT,
         starting_after: str | None = None,
     ) -> EntryPage:
-        cursor = None
-        if starting_after is not None:
-            try:
-                cursor = uuid.UUID(starting_after)
-            except ValueError:
-                raise InvalidRequest("starting_after: not an entry id", fields=["starting_after"]) from None
+        cursor = parse_cursor(starting_after, field="starting_after", names="an entry id")
         return await wallets.list_entries(parse_wallet_id(wallet_id), limit=limit, starting_after=cursor)

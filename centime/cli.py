@@ -156,7 +156,7 @@ async def _work(settings: Settings) -> None:
 
                 nightly = await stack.enter_async_context(reconciler(settings, pool, cache))
                 _info(f"centime worker: reconciling nightly at {settings.reconcile_at_utc} UTC")
-                jobs.append(run_nightly(nightly, pool, at=parse_at(settings.reconcile_at_utc), stop=stop))
+                jobs.append(run_nightly(nightly, at=parse_at(settings.reconcile_at_utc), stop=stop))
             await asyncio.gather(*jobs)
     finally:
         await client.aclose()

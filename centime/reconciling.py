@@ -9,11 +9,11 @@ from collections.abc import AsyncIterator
 import asyncpg
 import msgspec
 
+from centime.app import stripe_gateway
 from centime.settings import Settings
 from reconcile.schemas import Drift, DriftReport
 from reconcile.service import Reconciler
 from reconcile.stripe_source import BalanceTransactions
-from topup.gateway import StripeGateway
 from topup.service import TopUps
 from wallet.cache import Cache
 from wallet.maintenance import find_drift
@@ -26,12 +26,8 @@ SETTLE_MARGIN_S = 1.0
 async def reconciler(settings: Settings, pool: asyncpg.Pool, cache: Cache) -> AsyncIterator[Reconciler]:
     if settings.stripe_secret_key is None:
         raise ValueError("reconciliation needs CENTIME_STRIPE_SECRET_KEY")
-    gateway = StripeGateway(
-        secret_key=settings.stripe_secret_key,
-        webhook_secret=settings.stripe_webhook_secret,
-        api_base=settings.stripe_api_base,
-        timeout_ms=settings.stripe_timeout_ms,
-    )
+    gateway = stripe_gateway(settings)
+    assert gateway is not None
     source = BalanceTransactions(
         secret_key=settings.stripe_secret_key,
         api_base=settings.stripe_api_base,

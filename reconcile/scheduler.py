@@ -10,8 +10,6 @@ import contextlib
 import logging
 from datetime import UTC, datetime, time, timedelta
 
-import asyncpg
-
 from reconcile.service import AlreadyReconciled, ReconcileBusy, Reconciler, default_window
 
 log = logging.getLogger(__name__)
@@ -33,11 +31,11 @@ RETRY_AFTER = timedelta(minutes=30)
 """A failed nightly run is tried again this much later (the same day only)."""
 
 
-async def run_nightly(reconciler: Reconciler, pool: asyncpg.Pool, *, at: time, stop: asyncio.Event) -> None:
+async def run_nightly(reconciler: Reconciler, *, at: time, stop: asyncio.Event) -> None:
     """At start, catch up on yesterday if it was never reconciled (the worker
     was down at `at`); then daily at `at`, retrying a failed run."""
     while not stop.is_set():
-        outcome = await run_once(reconciler, pool, now=datetime.now(UTC))
+        outcome = await run_once(reconciler, now=datetime.now(UTC))
         now = datetime.now(UTC)
         due = next_run_at(now, at)
         if outcome.startswith("failed"):
@@ -47,7 +45,7 @@ async def run_nightly(reconciler: Reconciler, pool: asyncpg.Pool, *, at: time, s
             await asyncio.wait_for(stop.wait(), (due - now).total_seconds())
 
 
-async def run_once(reconciler: Reconciler, pool: asyncpg.Pool, *, now: datetime) -> str:
+async def run_once(reconciler: Reconciler, *, now: datetime) -> str:
     """Reconcile the day before `now`, unless already done. Returns what happened."""
     window_start, window_end = default_window(now)
     try:

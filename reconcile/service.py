@@ -448,11 +448,6 @@ class Reconciler:
                 return
             after = entries[-1].id
 
-    # Reads -----------------------------------------------------------------------
-
-    async def list_runs(self, *, limit: int, before: uuid.UUID | None) -> RunPage:
-        return await list_runs(self.pool, limit=limit, before=before, timeout_s=self._timeout_s)
-
 
 async def list_runs(pool: asyncpg.Pool, *, limit: int, before: uuid.UUID | None, timeout_s: float) -> RunPage:
     limit = max(1, min(limit, RUNS_PAGE_SIZE_MAX))

@@ -94,8 +94,6 @@ REFUND_SETTLED = frozenset({"succeeded", "pending"})
 """Refund statuses that take the money back. Stripe has accepted a pending
 refund; a refund that later fails is left to reconciliation."""
 
-_dispute_decoder = msgspec.json.Decoder(Dispute)
-
 
 class _Duplicate(Exception):
     """Another delivery of the event committed first: roll back."""
@@ -346,7 +344,7 @@ class TopUps:
 
     async def _on_dispute_event(self, event: Event) -> str:
         try:
-            dispute = _dispute_decoder.decode(msgspec.json.encode(event.object))
+            dispute = msgspec.convert(event.object, Dispute)
         except msgspec.ValidationError as exc:
             raise WebhookPayloadInvalid(f"event {event.id}: not a dispute: {exc}") from None
         charge_id = dispute.charge if isinstance(dispute.charge, str) else dispute.charge.id

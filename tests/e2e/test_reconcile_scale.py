@@ -460,10 +460,10 @@ async def test_the_scheduler_reconciles_the_previous_day_once(scale: Scale) -> N
     async with in_process(scale) as r:
         # A dry run of the day is not a reconciliation of it.
         dry, _ = await r.run(day_start, day_start + timedelta(days=1), dry_run=True)
-        first = await run_once(r, scale.pool, now=now)
+        first = await run_once(r, now=now)
         assert first.startswith("unmatched: run "), first
         run_id = uuid.UUID(first.removeprefix("unmatched: run "))
-        second = await run_once(r, scale.pool, now=now + timedelta(hours=20))  # same UTC day
+        second = await run_once(r, now=now + timedelta(hours=20))  # same UTC day
         assert second == f"skipped: run {run_id} already reconciled {day_start.date()}"
     async with scale.pool.acquire() as conn:
         runs = await conn.fetch(
@@ -488,7 +488,7 @@ async def test_the_scheduler_skips_while_another_worker_holds_the_lock(scale: Sc
     try:
         assert await other.fetchval("SELECT pg_try_advisory_lock(hashtext('centime.reconcile'))")
         async with in_process(scale) as r:
-            assert await run_once(r, scale.pool, now=now) == "skipped: another worker is running it"
+            assert await run_once(r, now=now) == "skipped: another worker is running it"
     finally:
         await other.close()  # the other worker ends: its session lock goes with it
     async with scale.pool.acquire() as conn:
@@ -499,7 +499,7 @@ async def test_the_scheduler_skips_while_another_worker_holds_the_lock(scale: Sc
             == 0
         )
     async with in_process(scale) as r:
-        assert (await run_once(r, scale.pool, now=now)).startswith("clean: run ")
+        assert (await run_once(r, now=now)).startswith("clean: run ")
 
 
 # d. Stripe failing ---------------------------------------------------------------------------
@@ -585,12 +585,12 @@ async def test_a_failed_nightly_run_does_not_count_as_done(
     monkeypatch.setattr(stripe_source, "BACKOFF_FIRST_S", 0.01)
     now = datetime.now(UTC).replace(hour=2, minute=0, second=0, microsecond=0) - timedelta(days=14)
     async with in_process(scale, stripe_api_base=f"http://127.0.0.1:{free_port()}") as down:
-        outcome = await run_once(down, scale.pool, now=now)
+        outcome = await run_once(down, now=now)
     assert outcome.startswith("failed: run "), outcome
     async with in_process(scale) as up:  # Stripe is back: the next night runs the day again
-        again = await run_once(up, scale.pool, now=now)
+        again = await run_once(up, now=now)
         assert again.startswith("clean: run "), again
-        assert (await run_once(up, scale.pool, now=now)).startswith("skipped: run ")
+        assert (await run_once(up, now=now)).startswith("skipped: run ")
 
 
 async def test_a_failed_run_records_the_transactions_it_saw(

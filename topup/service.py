@@ -336,11 +336,8 @@ class TopUps:
         intent_id = await self._payment_intent_of(event.object)
         if intent_id is None:
             return await self._record_only(event, "ignored: no PaymentIntent")
-        payment = await self._gateway().payment(intent_id)
-        row = await self._topup_of(payment)
-        if row is None:
-            return await self._record_only(event, f"ignored: {intent_id} is not a centime top-up")
-        return await self._in_transaction(event, row, payment, dispute=None)
+        outcome = await self._bring_up_to_date(intent_id, event, dispute=None)
+        return outcome or await self._record_only(event, f"ignored: {intent_id} is not a centime top-up")
 
     async def _on_dispute_event(self, event: Event) -> str:
         try:
@@ -348,27 +345,29 @@ class TopUps:
         except msgspec.ValidationError as exc:
             raise WebhookPayloadInvalid(f"event {event.id}: not a dispute: {exc}") from None
         charge_id = dispute.charge if isinstance(dispute.charge, str) else dispute.charge.id
-        intent_id = dispute.payment_intent or await self._payment_intent_of(
-            {"object": "charge", "id": charge_id}
-        )
+        intent_id = dispute.payment_intent or await self.payment_intent_of_charge(charge_id)
         if intent_id is None:
             return await self._record_only(event, f"ignored: charge {charge_id} has no PaymentIntent")
-        # Read the payment too: a dispute can arrive before the success event.
-        payment = await self._gateway().payment(intent_id)
-        row = await self._topup_of(payment)
-        if row is None:
-            return await self._record_only(event, f"ignored: {intent_id} is not a centime top-up")
-        return await self._in_transaction(event, row, payment, dispute=dispute)
+        # The payment is read too: a dispute can arrive before the success event.
+        outcome = await self._bring_up_to_date(intent_id, event, dispute=dispute)
+        return outcome or await self._record_only(event, f"ignored: {intent_id} is not a centime top-up")
 
     async def sync_payment(self, payment_intent_id: str) -> str | None:
         """Bring the ledger up to date with a PaymentIntent as Stripe has it
         now, exactly as its webhook events would (the reconciler heals a lost
         webhook with this). None when it is not a centime top-up."""
-        payment = await self._gateway().payment(payment_intent_id)
+        return await self._bring_up_to_date(payment_intent_id, None, dispute=None)
+
+    async def _bring_up_to_date(
+        self, intent_id: str, event: Event | None, *, dispute: Dispute | None
+    ) -> str | None:
+        """Read the PaymentIntent back from Stripe and settle it (and the
+        dispute) in one transaction. None when it is not a centime top-up."""
+        payment = await self._gateway().payment(intent_id)
         row = await self._topup_of(payment)
         if row is None:
             return None
-        return await self._in_transaction(None, row, payment, dispute=None)
+        return await self._in_transaction(event, row, payment, dispute=dispute)
 
     async def payment_intent_of_charge(self, charge_id: str) -> str | None:
         return await self._payment_intent_of({"object": "charge", "id": charge_id})

@@ -21,6 +21,10 @@ lint: install
 	$(UV) run ruff check .
 	$(UV) run ruff format --check .
 
+# The benchmark: BENCH_SECONDS (default 20) per scenario; see docs/performance.md.
+bench: install
+	$(UV) run --group bench python -m bench
+
 format: install
 	$(UV) run ruff format .
 	$(UV) run ruff check --fix .

@@ -10,7 +10,7 @@ wallets taking a large share, and an occasional debit that must be refused
 for insufficient funds (402 counts as the expected answer). Wallet ids come
 from bench/results/wallets.txt (or $WALLETS), one per line, as bench.seed
 writes them. locust tops out near 3k requests/s per process on a 2-core
-machine: for throughput figures use wrk (bench/wrk/debits.lua)."""
+machine: for throughput figures use wrk (bench/wrk/bench.lua; `make bench` does)."""
 
 from __future__ import annotations
 

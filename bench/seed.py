@@ -3,7 +3,7 @@
     python -m bench.seed --url http://127.0.0.1:8000 --key <admin key> \
         --wallets 1000 --fund-micros 1000000000 --out bench/results/wallets.txt
 
-Writes one wallet id per line; bench/wrk/debits.lua reads that file."""
+Writes one wallet id per line; bench/wrk/bench.lua and bench/locustfile.py read that file."""
 
 from __future__ import annotations
 

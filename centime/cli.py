@@ -93,7 +93,14 @@ def migrate_command() -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64))
-def serve(host: str, port: int, workers: int) -> None:
+@click.option(
+    "--app",
+    "app_factory",
+    default="centime.app:create_app",
+    hidden=True,
+    help="The app factory to serve; `make bench` serves bench.server:create_bench_app the same way.",
+)
+def serve(host: str, port: int, workers: int, app_factory: str) -> None:
     """Migrate and serve the API. With no storage URLs, starts embedded ones."""
     import uvicorn
 
@@ -104,7 +111,7 @@ def serve(host: str, port: int, workers: int) -> None:
         os.environ["CENTIME_REDIS_URL"] = settings.redis_url
         _info(f"centime serving on http://{host}:{port} (OpenAPI at /schema), {workers} worker(s)")
         uvicorn.run(
-            "centime.app:create_app",
+            app_factory,
             factory=True,
             host=host,
             port=port,

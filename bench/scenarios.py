@@ -1,0 +1,411 @@
+"""Each measurement of `make bench`, bounded in time, returning plain figures.
+
+- wrk (bench/wrk/bench.lua) measures HTTP throughput and latency: it is far
+  faster than the service, so the service is what saturates;
+- redis-benchmark measures the Redis ceiling of the debit script itself;
+- the ledger writer and raw COPY are measured in this process, with asyncpg.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import glob
+import json
+import os
+import re
+import secrets
+import subprocess
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import msgspec
+import redis.asyncio as redis
+
+from bench.progress import say
+from centime.sql import load_queries
+from ledger.accounts import debit_lines
+from ledger.ids import uuid7
+from ledger.schemas import EntryRecord
+from ledger.writer import Committed, LedgerWriter
+from wallet.cache import Cache
+from wallet.maintenance import check
+
+Q = load_queries("bench")
+WRK_SCRIPT = "bench/wrk/bench.lua"
+WRK_THREADS = 1
+"""One wrk thread saturates the service and leaves the second core to it."""
+WRK_TIMEOUT_S = 10
+QUIESCE_WAIT_S = 60.0
+"""How long the ledger may take to settle what a run left in flight."""
+LEDGER_IN_FLIGHT_MAX = 2_048
+"""Entries the ledger-writer measurement keeps submitted at once."""
+REDIS_CEILING_WALLETS = 10_000
+REDIS_CEILING_REQUESTS_MAX = 3_000_000
+"""Bounds the outbox the ceiling run leaves in Redis (about 1 KiB each)."""
+REDIS_CEILING_CONNECTIONS = 64
+APPLY_SCRIPT = Path("wallet/lua/apply.lua")
+
+
+class Load(msgspec.Struct, kw_only=True):
+    """One load run: what the generator measured."""
+
+    requests: int
+    duration_s: float
+    rps: float
+    p50_ms: float
+    p90_ms: float | None = None
+    p99_ms: float
+    max_ms: float | None = None
+    non_2xx: int = 0
+    socket_errors: int = 0
+    timeouts: int = 0
+
+
+class Verification(msgspec.Struct, kw_only=True):
+    """Every 2xx debit of a run, looked up in the ledger."""
+
+    answered_2xx: int
+    in_ledger: int
+    lost: int
+    """Answered 2xx, and not in the ledger (or reversed there)."""
+    duplicated: int
+    """Ledger entries beyond one per idempotency key."""
+    committed_unanswered: int
+    """In the ledger without a 2xx that wrk saw: in flight when the run ended."""
+    check_ok: bool
+    check_detail: str
+
+
+def wrk(
+    url: str,
+    path: str,
+    seconds: int,
+    *,
+    connections: int,
+    key: str | None = None,
+    wallets_file: Path | None = None,
+    run: str | None = None,
+    keys_out: Path | None = None,
+    delay_ms: float | None = None,
+) -> Load:
+    env = {
+        **os.environ,
+        "BENCH_PATH": path,
+        "BENCH_KEY": key or "",
+        "BENCH_WALLETS": str(wallets_file or ""),
+        "BENCH_RUN": run or secrets.token_hex(4),
+        "BENCH_KEYS_OUT": str(keys_out or ""),
+        "BENCH_DELAY_MS": f"{delay_ms:.3f}" if delay_ms else "",
+    }
+    command = ["wrk", f"-t{WRK_THREADS}", f"-c{connections}", f"-d{seconds}s", f"--timeout={WRK_TIMEOUT_S}s"]
+    command += ["-s", WRK_SCRIPT, url]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=seconds + 120)
+    if done.returncode != 0:
+        raise SystemExit(f"bench: wrk failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+    last = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if not last:
+        raise SystemExit(f"bench: wrk printed no summary: {done.stdout[-500:]}")
+    return msgspec.json.decode(last[-1], type=Load)
+
+
+def answered_keys(keys_out: Path) -> set[str]:
+    keys: set[str] = set()
+    for name in glob.glob(f"{keys_out}.*"):
+        keys.update(line for line in Path(name).read_text().splitlines() if line)
+    return keys
+
+
+async def quiesce(cache: Cache) -> int:
+    """Wait until no charge is in flight (the outbox is empty); returns what is left."""
+    deadline = time.monotonic() + QUIESCE_WAIT_S
+    depth = await cache.outbox_depth()
+    while depth and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        depth = await cache.outbox_depth()
+    return depth
+
+
+async def verify(pool: asyncpg.Pool, cache: Cache, *, run: str, keys_out: Path) -> Verification:
+    """Match a run's 2xx answers with the ledger, then `centime check`."""
+    left = await quiesce(cache)
+    answered = answered_keys(keys_out)
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(Q["run_debits"], f"{run}-%")
+    standing = {row["idempotency_key"] for row in rows if row["reversals"] == 0}
+    report = await check(pool, cache)
+    problems = [*report.entries_unbalanced, *report.reversals_mismatched, *report.wallets_drifted]
+    if report.lines_total_micros:
+        problems.append(f"all lines sum to {report.lines_total_micros}")
+    if left:
+        problems.append(f"{left} charges still in flight after {QUIESCE_WAIT_S:.0f} s")
+    return Verification(
+        answered_2xx=len(answered),
+        in_ledger=len(standing),
+        lost=len(answered - standing),
+        duplicated=sum(row["entries"] - 1 for row in rows),
+        committed_unanswered=len(standing - answered),
+        check_ok=report.ok and not left,
+        check_detail="; ".join(problems[:5]) or f"ok: {report.wallets_checked} wallets",
+    )
+
+
+# The Redis ceiling ----------------------------------------------------------
+
+
+async def redis_ceiling(redis_url: str, seconds: int) -> Load:
+    """redis-benchmark running wallet/lua/apply.lua, a debit per call, over
+    REDIS_CEILING_WALLETS wallets, each call with its own idempotency key.
+
+    redis-benchmark replaces each `__rand_int__` with its own random number
+    below -r, so the idempotency key, made of three of them, is new at each
+    call (10^12 choices) while the wallet key names one of the seeded wallets."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        prefix = "ceiling:{p0}"
+        sha = await client.script_load(APPLY_SCRIPT.read_bytes())  # noqa: ASYNC240 -- once, small
+        async with client.pipeline(transaction=False) as pipe:
+            for n in range(REDIS_CEILING_WALLETS):
+                pipe.hset(
+                    f"{prefix}:w:{n:012d}",
+                    mapping={"b": 10**15, "o": 0, "s": "active", "c": "usd", "e": "bench", "q": 0},
+                )
+            await pipe.execute()
+        payload = msgspec.json.encode(
+            {
+                "id": str(uuid7()),
+                "wallet_id": str(uuid.uuid4()),
+                "kind": "debit",
+                "amount_micros": 1000,
+                "idempotency_key": "bench-0000000000-0000000000",
+                "request_hash": "0" * 32,
+                "description": "bench",
+                "metadata": {},
+                "created_at": datetime.now(UTC).isoformat(),
+            }
+        ).decode()
+        host, port = redis_url.removeprefix("redis://").split("/")[0].split(":")
+        command = [
+            "EVALSHA",
+            sha,
+            "4",
+            f"{prefix}:w:__rand_int__",
+            f"{prefix}:i:__rand_int__:__rand_int__:__rand_int__",
+            f"{prefix}:outbox",
+            f"{prefix}:abandoned",
+            "debit",
+            "1000",
+            "0" * 32,
+            str(uuid7()),
+            payload,
+            "3600",
+            str(2**53 - 1),
+        ]
+
+        def run(requests: int) -> Load:
+            args = ["redis-benchmark", "-h", host, "-p", port, "-c", str(REDIS_CEILING_CONNECTIONS)]
+            args += ["-n", str(requests), "-r", str(REDIS_CEILING_WALLETS), "--csv", *command]
+            done = subprocess.run(args, capture_output=True, text=True, timeout=seconds * 4 + 120)
+            if done.returncode != 0:
+                raise SystemExit(f"bench: redis-benchmark failed: {done.stderr.strip()[-500:]}")
+            # The test's name (the command, with its JSON payload) is not
+            # escaped in the CSV: read the seven figures that end the line.
+            # rps, avg, min, p50, p95, p99, max
+            figures = re.findall(r'"([0-9.]+)"', done.stdout.strip().splitlines()[-1])[-7:]
+            rps, _, _, p50_ms, _, p99_ms, max_ms = (float(f) for f in figures)
+            return Load(
+                requests=requests,
+                duration_s=requests / rps,
+                rps=rps,
+                p50_ms=p50_ms,
+                p99_ms=p99_ms,
+                max_ms=max_ms,
+            )
+
+        probe = await asyncio.to_thread(run, 20_000)
+        requests = int(min(max(probe.rps * seconds, 20_000), REDIS_CEILING_REQUESTS_MAX))
+        load = await asyncio.to_thread(run, requests)
+        charged = await client.xlen(f"{prefix}:outbox")
+        if charged != probe.requests + load.requests:
+            raise SystemExit(
+                f"bench: the Redis ceiling charged {charged} times, not {probe.requests + load.requests}: "
+                "its calls were not all debits"
+            )
+        return load
+    finally:
+        keys = [key async for key in client.scan_iter(match="ceiling:*", count=1000)]
+        for start in range(0, len(keys), 1000):
+            await client.unlink(*keys[start : start + 1000])
+        await client.aclose()
+
+
+# The ledger writer and raw COPY ----------------------------------------------
+
+ENTRY_COLUMNS = (
+    "id",
+    "kind",
+    "currency",
+    "wallet_id",
+    "amount_micros",
+    "balance_micros",
+    "idempotency_key",
+    "request_hash",
+    "description",
+    "metadata",
+    "created_at",
+    "committed_at",
+)
+LINE_COLUMNS = ("entry_id", "line_no", "account_id", "currency", "amount_micros")
+
+
+def _debit(wallet_id: uuid.UUID, n: int, run: str) -> EntryRecord:
+    return EntryRecord(
+        id=uuid7(),
+        kind="debit",
+        currency="usd",
+        wallet_id=wallet_id,
+        amount_micros=1000,
+        balance_micros=0,
+        idempotency_key=f"{run}-{n}",
+        request_hash="0" * 32,
+        description="bench",
+        created_at=datetime.now(UTC),
+        lines=debit_lines(wallet_id, "usd", 1000),
+    )
+
+
+async def ledger_writer(
+    database_url: str, wallets: list[uuid.UUID], seconds: int, *, batch_entries_max: int, connections: int
+) -> tuple[Load, list[EntryRecord]]:
+    """Entries/s that the group-commit writer commits, with LEDGER_IN_FLIGHT_MAX
+    entries submitted at any time, for `seconds`."""
+    writer = LedgerWriter(
+        lambda: asyncpg.connect(database_url, timeout=10),
+        batch_entries_max=batch_entries_max,
+        connections=connections,
+        timeout_s=10,
+    )
+    writer.start()
+    run = f"ledger-{secrets.token_hex(4)}"
+    gate = asyncio.Semaphore(LEDGER_IN_FLIGHT_MAX)
+    written: list[EntryRecord] = []
+    failed = 0
+    latencies_ms: list[float] = []
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    deadline = started + seconds
+    futures: list[asyncio.Future[object]] = []
+    n = 0
+
+    def settled(entry: EntryRecord, submitted: float, future: asyncio.Future[object]) -> None:
+        nonlocal failed
+        gate.release()
+        if not future.cancelled() and future.exception() is None and isinstance(future.result(), Committed):
+            written.append(entry)
+            latencies_ms.append((loop.time() - submitted) * 1000)
+        else:
+            failed += 1
+
+    try:
+        while loop.time() < deadline:
+            await gate.acquire()
+            entry = _debit(wallets[n % len(wallets)], n, run)
+            n += 1
+            future = writer.submit(entry)
+            submitted = loop.time()
+            future.add_done_callback(lambda f, e=entry, t=submitted: settled(e, t, f))
+            futures.append(future)
+        await asyncio.gather(*futures, return_exceptions=True)
+    finally:
+        await writer.stop()
+    elapsed = loop.time() - started
+    if failed:
+        raise SystemExit(f"bench: the ledger writer failed {failed} entries")
+    latencies_ms.sort()
+    return (
+        Load(
+            requests=len(written),
+            duration_s=elapsed,
+            rps=len(written) / elapsed,
+            p50_ms=latencies_ms[len(latencies_ms) // 2],
+            p99_ms=latencies_ms[int(len(latencies_ms) * 0.99)],
+        ),
+        written,
+    )
+
+
+async def raw_copy(database_url: str, entries: list[EntryRecord]) -> Load:
+    """The same rows, COPYed in one transaction into tables shaped like the
+    ledger's (with its indexes, without its triggers and foreign keys)."""
+    now = datetime.now(UTC)
+    entry_rows = [
+        (
+            e.id,
+            e.kind,
+            e.currency,
+            e.wallet_id,
+            e.amount_micros,
+            e.balance_micros,
+            e.idempotency_key,
+            e.request_hash,
+            e.description,
+            json.dumps(e.metadata),
+            e.created_at,
+            now,
+        )
+        for e in entries
+    ]
+    line_rows = [
+        (e.id, number, line.account_id, e.currency, line.amount_micros)
+        for e in entries
+        for number, line in enumerate(e.lines)
+    ]
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(Q["copy_tables"])
+        started = time.perf_counter()
+        async with conn.transaction():
+            await conn.copy_records_to_table("bench_copy_entries", records=entry_rows, columns=ENTRY_COLUMNS)
+            await conn.copy_records_to_table("bench_copy_lines", records=line_rows, columns=LINE_COLUMNS)
+        elapsed = time.perf_counter() - started
+        await conn.execute("DROP TABLE bench_copy_lines, bench_copy_entries")
+    finally:
+        await conn.close()
+    return Load(requests=len(entries), duration_s=elapsed, rps=len(entries) / elapsed, p50_ms=0, p99_ms=0)
+
+
+# locust: the realistic mix ---------------------------------------------------
+
+
+def locust(url: str, seconds: int, *, key: str, wallets_file: Path, users: int) -> Load | None:
+    """bench/locustfile.py headless, its HTML report in bench/results/locust.html."""
+    env = {**os.environ, "CENTIME_KEY": key, "WALLETS": str(wallets_file)}
+    command = ["locust", "-f", "bench/locustfile.py", "--headless", "-u", str(users), "-r", str(users)]
+    command += ["-t", f"{seconds}s", "--host", url, "--only-summary", "--loglevel", "WARNING"]
+    command += ["--html", "bench/results/locust.html", "--csv", "bench/results/locust"]
+    try:
+        subprocess.run(command, env=env, capture_output=True, text=True, timeout=seconds + 120)
+    except FileNotFoundError:
+        say("locust is not installed (uv run --group bench): skipped")
+        return None
+    stats = Path("bench/results/locust_stats.csv")
+    if not stats.exists():
+        say("locust wrote no statistics: skipped")
+        return None
+    rows = {row["Name"]: row for row in csv.DictReader(stats.read_text().splitlines())}
+    total: dict[str, Any] = rows["Aggregated"]
+    requests = int(total["Request Count"])
+    return Load(
+        requests=requests,
+        duration_s=float(seconds),
+        rps=float(total["Requests/s"]),
+        p50_ms=float(total["50%"]),
+        p90_ms=float(total["90%"]),
+        p99_ms=float(total["99%"]),
+        max_ms=float(total["Max Response Time"]),
+        non_2xx=int(total["Failure Count"]),
+    )

@@ -14,10 +14,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import msgspec
-from litestar import Litestar, Response, post
+from litestar import Response, post
 from litestar.datastructures import State
+from litestar.types import ASGIApp
 
-from centime.app import create_app
+from centime.app import create_app, with_fast_debits
+from centime.settings import load_settings
 from centime.sql import load_queries
 from centime.wire import decode_body
 from ledger.ids import uuid7
@@ -72,8 +74,9 @@ async def naive_debit(
     )
 
 
-def create_bench_app() -> Litestar:
-    app = create_app()
+def create_bench_app() -> ASGIApp:
+    settings = load_settings()
+    app = create_app(settings)
     app.register(floor)
     app.register(naive_debit)
-    return app
+    return with_fast_debits(app, settings)

@@ -30,7 +30,15 @@ from redis.backoff import NoBackoff
 from centime import metrics
 from centime.auth import KeyStore, require_scope
 from centime.errors import CentimeError
+from centime.fast_debits import fast_debits
 from centime.settings import Settings, load_settings
+from centime.wire import (
+    INTERNAL_ERROR_DETAIL,
+    REQUEST_BODY_BYTES_MAX,
+    STORAGE_DOWN_DETAIL,
+    STORAGE_ERRORS,
+    problem_body,
+)
 from ledger.writer import LedgerWriter
 from reconcile.api import ReconciliationController
 from topup.api import CheckoutController, TopUpController
@@ -40,6 +48,7 @@ from wallet.api import WalletController
 from wallet.cache import Cache
 from wallet.service import Wallets
 from wallet.sweeper import SweepReport, run_sweeper
+from wallet.tick_client import TickClient
 
 log = logging.getLogger("centime")
 PROBLEM_JSON = "application/problem+json"
@@ -47,15 +56,9 @@ PROBLEM_JSON = "application/problem+json"
 
 def problem(status: int, code: str, title: str, detail: str, **extra: Any) -> Response[dict[str, Any]]:
     metrics.errors_total.labels(code).inc()
-    body = {
-        "type": f"https://centime.dev/problems/{code}",
-        "title": title,
-        "status": status,
-        "code": code,
-        "detail": detail,
-    }
-    body.update(extra)
-    return Response(body, status_code=status, media_type=PROBLEM_JSON)
+    return Response(
+        problem_body(status, code, title, detail, **extra), status_code=status, media_type=PROBLEM_JSON
+    )
 
 
 def _centime_error(_: Request, exc: CentimeError) -> Response[dict[str, Any]]:
@@ -100,27 +103,16 @@ def _http_error(_: Request, exc: HTTPException) -> Response[dict[str, Any]]:
     return problem(exc.status_code, code, code.replace("_", " ").capitalize(), exc.detail)
 
 
-STORAGE_ERRORS = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    redis.RedisError,
-)
-
-
 def _storage_error(_: Request, exc: Exception) -> Response[dict[str, Any]]:
     """Postgres or Redis did not answer a read or a wallet creation. (The
     debit path settles its own storage errors before answering.)"""
     log.warning("storage unavailable: %r", exc)
-    return problem(
-        503, "unavailable", "Service unavailable", "storage did not answer in time; nothing was charged"
-    )
+    return problem(503, "unavailable", "Service unavailable", STORAGE_DOWN_DETAIL)
 
 
 def _internal_error(_: Request, exc: Exception) -> Response[dict[str, Any]]:
     log.error("unhandled error", exc_info=exc)
-    return problem(500, "internal_error", "Internal error", "an internal error occurred; it was logged")
+    return problem(500, "internal_error", "Internal error", INTERNAL_ERROR_DETAIL)
 
 
 def count_requests(app: ASGIApp) -> ASGIApp:
@@ -213,6 +205,16 @@ def redis_client(url: str, settings: Settings) -> redis.Redis:
     return redis.Redis(connection_pool=pool)
 
 
+def serve_app() -> ASGIApp:
+    """What `centime serve` serves: the app, with the fast debit path in front."""
+    settings = load_settings()
+    return with_fast_debits(create_app(settings), settings)
+
+
+def with_fast_debits(app: Litestar, settings: Settings) -> ASGIApp:
+    return fast_debits(app) if settings.fast_debits else app
+
+
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or load_settings()
     if settings.database_url is None or settings.redis_url is None:
@@ -230,7 +232,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
             timeout=timeout_s,
         )
         client = redis_client(redis_url, settings)
-        cache = Cache(client, prefix=settings.redis_prefix, partition_count=settings.partition_count)
+        tick = TickClient(redis_url, timeout_s=settings.redis_timeout_ms / 1000)
+        cache = Cache(
+            client, prefix=settings.redis_prefix, partition_count=settings.partition_count, tick=tick
+        )
         wallets: Wallets | None = None
 
         async def after_commit(entries, outcomes):  # type: ignore[no-untyped-def]
@@ -274,6 +279,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await writer.stop()
             if gateway is not None:
                 await gateway.close()
+            await tick.close()
             await client.aclose()
             await pool.close()
 
@@ -307,6 +313,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
             path="/schema",
             render_plugins=[ScalarRenderPlugin()],
         ),
-        request_max_body_size=64 * 1024,
+        request_max_body_size=REQUEST_BODY_BYTES_MAX,
         debug=False,
     )

@@ -68,19 +68,24 @@ class KeyStore:
         return key
 
 
-async def require_scope(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
-    """Litestar guard: a valid bearer key whose scope covers the route's."""
-    needed = handler.opt.get("scope")
-    if needed is None:
-        return
-    header = connection.headers.get("authorization", "")
+async def authorize(header: str, needed: str, store: KeyStore) -> ApiKey:
+    """The key of an `Authorization: Bearer <key>` header, if its scope covers `needed`."""
     scheme, _, secret = header.partition(" ")
     if scheme.lower() != "bearer" or not secret or len(secret) > KEY_CHARS_MAX:
         raise Unauthorized("send an API key: Authorization: Bearer <key>")
-    store: KeyStore = connection.app.state.key_store
     key = await store.lookup(secret.strip())
     if key is None:
         raise Unauthorized("unknown or revoked API key")
     if SCOPE_RANK[key.scope] < SCOPE_RANK[needed]:
         raise Forbidden(f"this key has scope {key.scope!r}; the route needs {needed!r}")
+    return key
+
+
+async def require_scope(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
+    """Litestar guard: a valid bearer key whose scope covers the route's."""
+    needed = handler.opt.get("scope")
+    if needed is None:
+        return
+    store: KeyStore = connection.app.state.key_store
+    key = await authorize(connection.headers.get("authorization", ""), needed, store)
     connection.scope["state"]["api_key"] = key

@@ -96,7 +96,7 @@ def migrate_command() -> None:
 @click.option(
     "--app",
     "app_factory",
-    default="centime.app:create_app",
+    default="centime.app:serve_app",
     hidden=True,
     help="The app factory to serve; `make bench` serves bench.server:create_bench_app the same way.",
 )

@@ -40,6 +40,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     sweeper_interval_ms: Annotated[int, msgspec.Meta(ge=10, le=3_600_000)] = 1000
     sweeper_grace_ms: Annotated[int, msgspec.Meta(ge=100, le=3_600_000)] = 30_000
     sweeper_batch_max: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 500
+    # Serve POST /v1/wallets/{id}/debits in front of the framework (centime/fast_debits.py).
+    fast_debits: bool = True
     # API keys are cached in-process this long after a lookup.
     api_key_cache_ttl_s: Annotated[int, msgspec.Meta(ge=0, le=3600)] = 10
     log_level: Annotated[str, msgspec.Meta(pattern="^(DEBUG|INFO|WARNING|ERROR)$")] = "INFO"

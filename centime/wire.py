@@ -11,13 +11,41 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import asyncpg
 import msgspec
+import redis.asyncio as redis
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType, Operation, RequestBody, Schema
 
 from centime.errors import InvalidRequest
 
 T = TypeVar("T")
+STORAGE_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    redis.RedisError,
+)
+"""Postgres or Redis did not answer: 503, nothing charged."""
+STORAGE_DOWN_DETAIL = "storage did not answer in time; nothing was charged"
+INTERNAL_ERROR_DETAIL = "an internal error occurred; it was logged"
+REQUEST_BODY_BYTES_MAX = 64 * 1024
+
+
+def problem_body(status: int, code: str, title: str, detail: str, **extra: Any) -> dict[str, Any]:
+    """An RFC 9457 problem: the stable `code` says what went wrong."""
+    body = {
+        "type": f"https://centime.dev/problems/{code}",
+        "title": title,
+        "status": status,
+        "code": code,
+        "detail": detail,
+    }
+    body.update(extra)
+    return body
+
+
 _PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 _UNKNOWN = re.compile(r"unknown field `([^`]*)`")
 _decoders: dict[type, msgspec.json.Decoder] = {}

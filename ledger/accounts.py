@@ -5,6 +5,7 @@ ids derived from (kind, currency), so code can name them without a lookup."""
 
 from __future__ import annotations
 
+import functools
 import uuid
 
 from centime.errors import invariant
@@ -21,6 +22,7 @@ SYSTEM_ACCOUNT_KINDS = (
 _NAMESPACE = uuid.UUID("5b0f6f7e-3c55-4d4a-9d38-2a5b1f0c7e11")
 
 
+@functools.lru_cache(maxsize=len(SYSTEM_ACCOUNT_KINDS) * 64)
 def system_account_id(kind: str, currency: str) -> uuid.UUID:
     invariant(kind in SYSTEM_ACCOUNT_KINDS, f"unknown system account kind {kind!r}")
     return uuid.uuid5(_NAMESPACE, f"{kind}:{currency}")

@@ -2,8 +2,9 @@
 
 Each of `connections` workers owns one connection. A worker takes the first
 waiting entry and whatever else is already queued, up to
-`batch_entries_max`, and writes them all in one autocommit statement (entries
-and lines together). While it waits on Postgres, new entries queue up and
+`batch_entries_max` (more when a backlog has built up: an equal share of it,
+up to BACKLOG_BATCH_ENTRIES_MAX), and writes them all in one autocommit
+statement (entries and lines together). While it waits on Postgres, new entries queue up and
 form the next batch, so batches grow with load and stay at one under light
 load: no timer adds latency.
 
@@ -32,6 +33,10 @@ log = logging.getLogger(__name__)
 
 QUEUE_ENTRIES_MAX = 50_000
 """Entries waiting for a worker; past this, submit() refuses at once."""
+BACKLOG_BATCH_ENTRIES_MAX = 1_000
+"""A backlog (more waiting than the workers take in one round of normal
+batches) is drained in batches of up to this many: a statement's fixed cost
+(round trip, triggers, commit) is then shared by more entries."""
 
 
 # SQLSTATE classes after which a statement may or may not have committed:
@@ -189,7 +194,11 @@ class LedgerWriter:
             while not self._queue:
                 self._ready.clear()
                 await self._ready.wait()
-            while self._queue and len(batch) < self._batch_entries_max:
+            # Normal load: up to batch_entries_max, so the workers commit side
+            # by side; a backlog: an equal share of it per worker.
+            share = -(-len(self._queue) // self._connections)
+            bound = min(max(self._batch_entries_max, share), BACKLOG_BATCH_ENTRIES_MAX)
+            while self._queue and len(batch) < bound:
                 entry, future, _ = self._queue.popleft()
                 if not future.cancelled():
                     batch.append((entry, future))

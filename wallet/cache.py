@@ -6,6 +6,7 @@ The partition is a stable hash of the wallet id over a fixed count."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import uuid
 import zlib
@@ -18,6 +19,7 @@ import redis.asyncio as redis
 from redis.commands.core import AsyncScript
 
 from centime.money import AMOUNT_MICROS_MAX
+from wallet.tick_client import Script, TickClient
 
 SCRIPTS = (
     "apply",
@@ -86,16 +88,25 @@ class Settling(msgspec.Struct, frozen=True):
 class Cache:
     """Key names and script calls. Holds the client; no other state."""
 
-    def __init__(self, client: redis.Redis, *, prefix: str, partition_count: int) -> None:
+    def __init__(
+        self, client: redis.Redis, *, prefix: str, partition_count: int, tick: TickClient | None = None
+    ) -> None:
         self.client = client
         self.prefix = prefix
         self.partition_count = partition_count
-        self._scripts: dict[str, AsyncScript] = {
-            name: client.register_script(
-                resources.files("wallet").joinpath(f"lua/{name}.lua").read_text(encoding="utf-8")
-            )
+        # The debit path's two calls (apply, settle_committed) go through the
+        # tick client when there is one (wallet/tick_client.py); all else
+        # through redis-py.
+        self.tick = tick
+        texts = {
+            name: resources.files("wallet").joinpath(f"lua/{name}.lua").read_text(encoding="utf-8")
             for name in SCRIPTS
         }
+        self._scripts: dict[str, AsyncScript] = {
+            name: client.register_script(text) for name, text in texts.items()
+        }
+        self._tick_apply = Script(texts["apply"])
+        self._tick_settle = Script(texts["settle_committed"])
 
     # Keys ----------------------------------------------------------------
 
@@ -135,24 +146,16 @@ class Cache:
         ttl_s: int,
     ) -> list[Any]:
         p = self.partition(wallet_id)
-        return await self._run(
-            "apply",
-            [
-                self.wallet_key(wallet_id),
-                self.idempotency_key(wallet_id, idempotency_key),
-                self.outbox_key(p),
-                self.abandoned_key(p),
-            ],
-            [
-                kind,
-                str(amount_micros),
-                request_hash,
-                str(entry_id),
-                payload,
-                ttl_s,
-                AMOUNT_MICROS_MAX,
-            ],
-        )
+        keys = [
+            self.wallet_key(wallet_id),
+            self.idempotency_key(wallet_id, idempotency_key),
+            self.outbox_key(p),
+            self.abandoned_key(p),
+        ]
+        args = [kind, str(amount_micros), request_hash, str(entry_id), payload, ttl_s, AMOUNT_MICROS_MAX]
+        if self.tick is not None:
+            return await self.tick.evalsha(self._tick_apply, keys, args)
+        return await self._run("apply", keys, args)
 
     async def compensate(
         self, *, wallet_id: uuid.UUID, idempotency_key: str, outbox_id: str, undo: Undo, entry_id: uuid.UUID
@@ -179,16 +182,24 @@ class Cache:
     async def settle_committed(self, committed: dict[int, list[Settling]]) -> dict[int, list[int]]:
         """Settle committed entries, one script call per partition, all in one
         round trip. Per entry: 1 settled now, 2 abandoned first, 0 settled before."""
-        script = self._scripts["settle_committed"]
-        async with self.client.pipeline(transaction=False) as pipe:
-            for partition, items in committed.items():
-                keys = [self.outbox_key(partition), self.abandoned_key(partition)]
-                keys += [self.wallet_key(item.wallet_id) for item in items]
-                args: list[str] = []
-                for item in items:
-                    args += [item.outbox_id, str(item.entry_id), str(item.credit_micros), item.epoch]
-                await script(keys=keys, args=args, client=pipe)
-            replies = await pipe.execute()
+        calls: list[tuple[list[str], list[str]]] = []
+        for partition, items in committed.items():
+            keys = [self.outbox_key(partition), self.abandoned_key(partition)]
+            keys += [self.wallet_key(item.wallet_id) for item in items]
+            args: list[str] = []
+            for item in items:
+                args += [item.outbox_id, str(item.entry_id), str(item.credit_micros), item.epoch]
+            calls.append((keys, args))
+        if self.tick is not None:
+            tick = self.tick
+            # Issued in one tick: one write, one round trip.
+            replies = await asyncio.gather(*(tick.evalsha(self._tick_settle, k, a) for k, a in calls))
+        else:
+            script = self._scripts["settle_committed"]
+            async with self.client.pipeline(transaction=False) as pipe:
+                for keys, args in calls:
+                    await script(keys=keys, args=args, client=pipe)
+                replies = await pipe.execute()
         return {p: [int(flag) for flag in reply] for p, reply in zip(committed, replies, strict=True)}
 
     async def settle_reversed(

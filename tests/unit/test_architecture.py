@@ -19,6 +19,7 @@ FACE = (
     "centime.auth",
     "centime.migrate",
     "centime.embedded",
+    "centime.fast_debits",
     "centime.__main__",
 )
 

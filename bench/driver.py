@@ -29,6 +29,7 @@ import platform
 import secrets
 import subprocess
 import sys
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -76,6 +77,22 @@ def _env_int(name: str, default: int, low: int, high: int) -> int:
     return value
 
 
+def _funding(wallet_id: uuid.UUID, amount_micros: int, run: str) -> EntryRecord:
+    return EntryRecord(
+        id=uuid7(),
+        kind="credit",
+        currency="usd",
+        wallet_id=wallet_id,
+        amount_micros=amount_micros,
+        balance_micros=amount_micros,
+        idempotency_key=f"fund-{run}",
+        request_hash="0" * 32,
+        description="bench funding",
+        created_at=datetime.now(UTC),
+        lines=credit_lines(wallet_id, "usd", amount_micros),
+    )
+
+
 async def seed(database_url: str, cache: Cache, settings: Settings, wallets: int) -> list:  # type: ignore[type-arg]
     """Wallets, their funding credits (real ledger entries), and Redis loaded
     from the ledger by rebuild-cache. The first id is the hot wallet."""
@@ -90,21 +107,7 @@ async def seed(database_url: str, cache: Cache, settings: Settings, wallets: int
                 Q["seed_wallets"], page, [f"bench-{run}-{i}" for i in range(start, start + len(page))]
             )
             entries = [
-                EntryRecord(
-                    id=uuid7(),
-                    kind="credit",
-                    currency="usd",
-                    wallet_id=wallet_id,
-                    amount_micros=HOT_FUND_MICROS if wallet_id == ids[0] else FUND_MICROS,
-                    balance_micros=HOT_FUND_MICROS if wallet_id == ids[0] else FUND_MICROS,
-                    idempotency_key=f"fund-{run}",
-                    request_hash="0" * 32,
-                    description="bench funding",
-                    created_at=datetime.now(UTC),
-                    lines=credit_lines(
-                        wallet_id, "usd", HOT_FUND_MICROS if wallet_id == ids[0] else FUND_MICROS
-                    ),
-                )
+                _funding(wallet_id, HOT_FUND_MICROS if wallet_id == ids[0] else FUND_MICROS, run)
                 for wallet_id in page
             ]
             await ledger_repo.insert_entries(conn, entries, timeout_s=60)

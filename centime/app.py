@@ -32,13 +32,7 @@ from centime.auth import KeyStore, require_scope
 from centime.errors import CentimeError
 from centime.fast_debits import fast_debits
 from centime.settings import Settings, load_settings
-from centime.wire import (
-    INTERNAL_ERROR_DETAIL,
-    REQUEST_BODY_BYTES_MAX,
-    STORAGE_DOWN_DETAIL,
-    STORAGE_ERRORS,
-    problem_body,
-)
+from centime.wire import REQUEST_BODY_BYTES_MAX, STORAGE_ERRORS, problem_answer, problem_body
 from ledger.writer import LedgerWriter
 from reconcile.api import ReconciliationController
 from topup.api import CheckoutController, TopUpController
@@ -61,13 +55,10 @@ def problem(status: int, code: str, title: str, detail: str, **extra: Any) -> Re
     )
 
 
-def _centime_error(_: Request, exc: CentimeError) -> Response[dict[str, Any]]:
-    if exc.status >= 500:
-        log.warning("%s: %s", exc.code, exc.detail, exc_info=exc.__cause__ is not None)
-    response = problem(exc.status, exc.code, exc.title, exc.detail, **exc.extra)
-    if exc.status == 401:
-        response.headers["WWW-Authenticate"] = 'Bearer realm="centime"'
-    return response
+def _raised_error(_: Request, exc: Exception) -> Response[dict[str, Any]]:
+    """A CentimeError, a storage error or anything else (centime.wire.problem_answer)."""
+    answer = problem_answer(exc)
+    return Response(answer.body, status_code=answer.status, media_type=PROBLEM_JSON, headers=answer.headers)
 
 
 def _field_name(error: dict[str, Any]) -> str:
@@ -101,18 +92,6 @@ _HTTP_CODES = {
 def _http_error(_: Request, exc: HTTPException) -> Response[dict[str, Any]]:
     code = _HTTP_CODES.get(exc.status_code, "http_error" if exc.status_code < 500 else "internal_error")
     return problem(exc.status_code, code, code.replace("_", " ").capitalize(), exc.detail)
-
-
-def _storage_error(_: Request, exc: Exception) -> Response[dict[str, Any]]:
-    """Postgres or Redis did not answer a read or a wallet creation. (The
-    debit path settles its own storage errors before answering.)"""
-    log.warning("storage unavailable: %r", exc)
-    return problem(503, "unavailable", "Service unavailable", STORAGE_DOWN_DETAIL)
-
-
-def _internal_error(_: Request, exc: Exception) -> Response[dict[str, Any]]:
-    log.error("unhandled error", exc_info=exc)
-    return problem(500, "internal_error", "Internal error", INTERNAL_ERROR_DETAIL)
 
 
 def count_requests(app: ASGIApp) -> ASGIApp:
@@ -298,13 +277,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
         middleware=[count_requests],
         dependencies={"wallets": Provide(_wallets), "topups": Provide(_topups)},
         exception_handlers={
-            CentimeError: _centime_error,
+            CentimeError: _raised_error,
             ValidationException: _validation_error,
             NotAuthorizedException: _http_error,
             PermissionDeniedException: _http_error,
             HTTPException: _http_error,
-            **dict.fromkeys(STORAGE_ERRORS, _storage_error),
-            Exception: _internal_error,
+            **dict.fromkeys(STORAGE_ERRORS, _raised_error),
+            Exception: _raised_error,
         },
         openapi_config=OpenAPIConfig(
             title="centime",

@@ -13,7 +13,6 @@ machinery cost more CPU than charging Redis and writing the ledger together
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import msgspec
@@ -23,18 +22,9 @@ from litestar.types import Receive, Scope, Send
 from centime import metrics
 from centime.auth import authorize
 from centime.errors import CentimeError, InvalidRequest
-from centime.wire import (
-    INTERNAL_ERROR_DETAIL,
-    REQUEST_BODY_BYTES_MAX,
-    STORAGE_DOWN_DETAIL,
-    STORAGE_ERRORS,
-    decode_body,
-    problem_body,
-)
+from centime.wire import REQUEST_BODY_BYTES_MAX, decode_body, problem_answer
 from wallet.schemas import IDEMPOTENCY_KEY_CHARS_MAX, CreateDebit
 from wallet.service import parse_wallet_id
-
-log = logging.getLogger("centime")
 
 PREFIX = "/v1/wallets/"
 SUFFIX = "/debits"
@@ -42,12 +32,16 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 _JSON = [(b"content-type", b"application/json")]
 _PROBLEM_JSON = [(b"content-type", b"application/problem+json")]
 _REPLAYED = (b"idempotent-replayed", b"true")
-_WWW_AUTHENTICATE = (b"www-authenticate", b'Bearer realm="centime"')
+TOO_LARGE_DETAIL = "Request Entity Too Large"
 _encoder = msgspec.json.Encoder()
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(CentimeError):
+    """Litestar's 413, as its handler renders it."""
+
+    status = 413
+    code = "payload_too_large"
+    title = "Payload too large"
 
 
 def fast_debits(app: Litestar) -> Any:
@@ -64,47 +58,14 @@ def fast_debits(app: Litestar) -> Any:
         await send({"type": "http.response.body", "body": body})
 
     async def send_problem(send: Send, exc: Exception) -> None:
+        answer = problem_answer(exc)
         headers = list(_PROBLEM_JSON)
-        if isinstance(exc, CentimeError):
-            if exc.status >= 500:
-                log.warning("%s: %s", exc.code, exc.detail, exc_info=exc.__cause__ is not None)
-            status, code, title, detail, extra = exc.status, exc.code, exc.title, exc.detail, exc.extra
-            if status == 401:
-                headers.append(_WWW_AUTHENTICATE)
-        elif isinstance(exc, _TooLarge):
-            status, code, title, detail, extra = (
-                413,
-                "payload_too_large",
-                "Payload too large",
-                "Request Entity Too Large",
-                {},
-            )
-        elif isinstance(exc, STORAGE_ERRORS):
-            log.warning("storage unavailable: %r", exc)
-            status, code, title, detail, extra = (
-                503,
-                "unavailable",
-                "Service unavailable",
-                STORAGE_DOWN_DETAIL,
-                {},
-            )
-        else:
-            log.error("unhandled error", exc_info=exc)
-            status, code, title, detail, extra = (
-                500,
-                "internal_error",
-                "Internal error",
-                INTERNAL_ERROR_DETAIL,
-                {},
-            )
-        metrics.errors_total.labels(code).inc()
-        await send_response(
-            send, status, _encoder.encode(problem_body(status, code, title, detail, **extra)), headers
-        )
+        headers += [(name.lower().encode(), value.encode()) for name, value in answer.headers.items()]
+        await send_response(send, answer.status, _encoder.encode(answer.body), headers)
 
     async def read_body(receive: Receive, announced: int | None) -> bytes:
         if announced is not None and announced > REQUEST_BODY_BYTES_MAX:
-            raise _TooLarge
+            raise _TooLarge(TOO_LARGE_DETAIL)
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -115,7 +76,7 @@ def fast_debits(app: Litestar) -> Any:
             if chunk:
                 size += len(chunk)
                 if size > REQUEST_BODY_BYTES_MAX:
-                    raise _TooLarge
+                    raise _TooLarge(TOO_LARGE_DETAIL)
                 chunks.append(chunk)
             if not message.get("more_body", False):
                 break

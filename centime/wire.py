@@ -6,10 +6,11 @@ decoders built once per struct. A failure names the offending field."""
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import asyncpg
 import msgspec
@@ -17,7 +18,8 @@ import redis.asyncio as redis
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType, Operation, RequestBody, Schema
 
-from centime.errors import InvalidRequest
+from centime import metrics
+from centime.errors import CentimeError, InvalidRequest
 
 T = TypeVar("T")
 STORAGE_ERRORS = (
@@ -44,6 +46,48 @@ def problem_body(status: int, code: str, title: str, detail: str, **extra: Any) 
     }
     body.update(extra)
     return body
+
+
+class ProblemAnswer(NamedTuple):
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str]
+
+
+_log = logging.getLogger("centime")
+
+
+def problem_answer(exc: Exception) -> ProblemAnswer:
+    """The answer to an error a handler raised, logged and counted: a
+    CentimeError as it says, Postgres or Redis not answering 503 (the debit
+    path settles its own storage errors before answering), anything else 500."""
+    headers: dict[str, str] = {}
+    if isinstance(exc, CentimeError):
+        if exc.status >= 500:
+            _log.warning("%s: %s", exc.code, exc.detail, exc_info=exc.__cause__ is not None)
+        if exc.status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="centime"'
+        status, code, title, detail, extra = exc.status, exc.code, exc.title, exc.detail, exc.extra
+    elif isinstance(exc, STORAGE_ERRORS):
+        _log.warning("storage unavailable: %r", exc)
+        status, code, title, detail, extra = (
+            503,
+            "unavailable",
+            "Service unavailable",
+            STORAGE_DOWN_DETAIL,
+            {},
+        )
+    else:
+        _log.error("unhandled error", exc_info=exc)
+        status, code, title, detail, extra = (
+            500,
+            "internal_error",
+            "Internal error",
+            INTERNAL_ERROR_DETAIL,
+            {},
+        )
+    metrics.errors_total.labels(code).inc()
+    return ProblemAnswer(status, problem_body(status, code, title, detail, **extra), headers)
 
 
 _PATH = re.compile(r" - at `\$\.?([^`]*)`$")

@@ -399,6 +399,9 @@ def locust(url: str, seconds: int, *, key: str, wallets_file: Path, users: int) 
     rows = {row["Name"]: row for row in csv.DictReader(stats.read_text().splitlines())}
     total: dict[str, Any] = rows["Aggregated"]
     requests = int(total["Request Count"])
+    if requests == 0 or "N/A" in (total["50%"], total["99%"]):
+        say(f"locust answered no requests in {seconds} s: skipped")
+        return None
     return Load(
         requests=requests,
         duration_s=float(seconds),

@@ -10,6 +10,8 @@ BENCH_SECONDS:
   debit         centime debits spread over the wallets (wrk)
   debit_hot     centime debits on one wallet (wrk)
   debit_half    centime debits at about half the debit rate: the p99 (wrk, paced)
+  batch         centime batch debits, BATCH_ITEMS per request, over the wallets
+                (wrk; counted in debits/s, each one matched in the ledger)
   mix           realistic traffic, bench/locustfile.py (locust, HTML report)
   naive_hot     a debit done only in Postgres, one wallet (wrk)
   naive         the same, spread over the wallets (wrk)
@@ -34,6 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
+import msgspec
 
 from bench import report, scenarios
 from bench.progress import say
@@ -64,6 +67,8 @@ CONNECTIONS = 64
 HALF_LOAD_CONNECTIONS = 32
 CALIBRATION_SECONDS = 5
 LOCUST_USERS = 32
+BATCH_ITEMS = 100
+BATCH_CONNECTIONS = 16
 
 
 def _env_int(name: str, default: int, low: int, high: int) -> int:
@@ -160,6 +165,13 @@ async def measure(database_url: str, redis_url: str, seconds: int, wallets: int,
                     **options,  # type: ignore[arg-type]
                 )
                 verification = await scenarios.verify(pool, cache, run=run, keys_out=keys_out)
+                if options.get("batch_items"):
+                    # debits/s: the debits answered 201, not the batch requests
+                    load = msgspec.structs.replace(
+                        load,
+                        requests=verification.answered_2xx,
+                        rps=verification.answered_2xx / load.duration_s,
+                    )
                 loads[name], checks[name] = load, verification
                 say(
                     f"{name}: {load.rps:,.0f}/s, p99 {load.p99_ms:.1f} ms, {load.non_2xx} non-2xx; "
@@ -187,6 +199,7 @@ async def measure(database_url: str, redis_url: str, seconds: int, wallets: int,
             latency_ms = HALF_LOAD_CONNECTIONS * 1000 / loads["debit_half"].rps - wait_ms
             wait_ms = max(0.1, HALF_LOAD_CONNECTIONS * 1000 / target_rps - max(latency_ms, 0))
             await debit_run("debit_half", spread_file, connections=HALF_LOAD_CONNECTIONS, delay_ms=wait_ms)
+            await debit_run("batch", spread_file, connections=BATCH_CONNECTIONS, batch_items=BATCH_ITEMS)
             mix = await asyncio.to_thread(
                 scenarios.locust, url, seconds, key=key, wallets_file=spread_file, users=LOCUST_USERS
             )

@@ -25,6 +25,7 @@ GENERATORS = {
     "debit": "wrk",
     "debit_hot": "wrk",
     "debit_half": "wrk, paced",
+    "batch": "wrk, 100 debits per request",
     "mix": "locust",
     "naive_hot": "wrk",
     "naive": "wrk",

@@ -92,7 +92,10 @@ def wrk(
     run: str | None = None,
     keys_out: Path | None = None,
     delay_ms: float | None = None,
+    batch_items: int = 0,
 ) -> Load:
+    """One wrk run. With `batch_items`, each request is a batch of that many
+    debits, and the Load counts debits (rps is debits/s; latency is per batch)."""
     env = {
         **os.environ,
         "BENCH_PATH": path,
@@ -101,6 +104,7 @@ def wrk(
         "BENCH_RUN": run or secrets.token_hex(4),
         "BENCH_KEYS_OUT": str(keys_out or ""),
         "BENCH_DELAY_MS": f"{delay_ms:.3f}" if delay_ms else "",
+        "BENCH_BATCH_ITEMS": str(batch_items or ""),
     }
     command = ["wrk", f"-t{WRK_THREADS}", f"-c{connections}", f"-d{seconds}s", f"--timeout={WRK_TIMEOUT_S}s"]
     command += ["-s", WRK_SCRIPT, url]
@@ -110,7 +114,10 @@ def wrk(
     last = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if not last:
         raise SystemExit(f"bench: wrk printed no summary: {done.stdout[-500:]}")
-    return msgspec.json.decode(last[-1], type=Load)
+    load = msgspec.json.decode(last[-1], type=Load)
+    if batch_items:
+        load = msgspec.structs.replace(load, requests=load.requests * batch_items, rps=load.rps * batch_items)
+    return load
 
 
 def answered_keys(keys_out: Path) -> set[str]:
@@ -193,17 +200,17 @@ async def redis_ceiling(redis_url: str, seconds: int) -> Load:
             "EVALSHA",
             sha,
             "4",
-            f"{prefix}:w:__rand_int__",
-            f"{prefix}:i:__rand_int__:__rand_int__:__rand_int__",
             f"{prefix}:outbox",
             f"{prefix}:abandoned",
+            f"{prefix}:w:__rand_int__",
+            f"{prefix}:i:__rand_int__:__rand_int__:__rand_int__",
+            "3600",
+            str(2**53 - 1),
             "debit",
             "1000",
             "0" * 32,
             str(uuid7()),
             payload,
-            "3600",
-            str(2**53 - 1),
         ]
 
         def run(requests: int) -> Load:

@@ -38,8 +38,9 @@ from reconcile.api import ReconciliationController
 from topup.api import CheckoutController, TopUpController
 from topup.gateway import StripeGateway
 from topup.service import TopUps
-from wallet.api import WalletController
+from wallet.api import DebitBatchController, HoldController, WalletController
 from wallet.cache import Cache
+from wallet.holds import Holds
 from wallet.service import Wallets
 from wallet.sweeper import SweepReport, run_sweeper
 from wallet.tick_client import TickClient
@@ -119,6 +120,10 @@ def count_requests(app: ASGIApp) -> ASGIApp:
 
 async def _wallets(state: State) -> Wallets:
     return state.wallets
+
+
+async def _holds(state: State) -> Holds:
+    return state.holds
 
 
 async def _topups(state: State) -> TopUps:
@@ -236,6 +241,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             pool=pool,
             cache=cache,
             wallets=wallets,
+            holds=Holds(wallets=wallets),
             topups=TopUps(pool=pool, cache=cache, gateway=gateway, settings=settings),
             timeout_s=timeout_s,
             key_store=KeyStore(pool, settings.api_key_cache_ttl_s),
@@ -265,6 +271,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
     return Litestar(
         route_handlers=[
             WalletController,
+            HoldController,
+            DebitBatchController,
             TopUpController,
             CheckoutController,
             ReconciliationController,
@@ -275,7 +283,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         lifespan=[lifespan],
         guards=[require_scope],
         middleware=[count_requests],
-        dependencies={"wallets": Provide(_wallets), "topups": Provide(_topups)},
+        dependencies={"wallets": Provide(_wallets), "holds": Provide(_holds), "topups": Provide(_topups)},
         exception_handlers={
             CentimeError: _raised_error,
             ValidationException: _validation_error,

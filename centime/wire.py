@@ -192,10 +192,13 @@ class Problem(msgspec.Struct, kw_only=True):
 PROBLEM_DESCRIPTIONS = {
     400: "invalid_request: the body, a header or a parameter is wrong; `fields` names it",
     401: "unauthorized: no API key, or an unknown one",
-    402: "insufficient_funds: the balance and overdraft limit cannot cover it; `balance_micros` says what is there",
+    402: "insufficient_funds: the balance (less what holds reserve) and overdraft limit cannot cover it; "
+    "`balance_micros` says what is there",
     403: "forbidden: the key's scope does not cover this route",
-    404: "wallet_not_found or topup_not_found",
-    409: "wallet_exists, idempotency_conflict, request_in_progress, idempotency_key_reversed or wallet_frozen",
+    404: "wallet_not_found, hold_not_found or topup_not_found",
+    409: "wallet_exists, idempotency_conflict, request_in_progress, idempotency_key_reversed, wallet_frozen, "
+    "hold_not_held (captured, released or expired) or capture_reversed",
+    413: "payload_too_large: the body is over the route's limit",
     502: "stripe_refused: Stripe refused a request centime made (a configuration problem, logged)",
     503: "unavailable (storage did not answer in time; nothing was charged), stripe_unavailable or topups_disabled",
 }

@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import asyncpg
 import msgspec
 
+from centime.errors import invariant
 from ledger import repo
 from ledger.accounts import reversal_id_for, reversal_of
 from ledger.schemas import EntryRecord, KeyHolder
@@ -150,7 +151,9 @@ class LedgerWriter:
         self._queue_wait_max_s = queue_wait_max_s if queue_wait_max_s is not None else timeout_s
         self._after_commit = after_commit
         self._observe_batch = observe_batch
-        self._queue: deque[tuple[EntryRecord, asyncio.Future[object], float]] = deque()
+        # (entry, its future, when queued, how many entries from here on must
+        # share one statement: a submit_many group; 0 inside a group).
+        self._queue: deque[tuple[EntryRecord, asyncio.Future[object], float, int]] = deque()
         self._ready = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
 
@@ -165,22 +168,36 @@ class LedgerWriter:
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers = []
         while self._queue:
-            _, future, _ = self._queue.popleft()
+            _, future, _, _ = self._queue.popleft()
             if not future.done():
                 future.set_exception(CommitFailed("the ledger writer stopped", definite=True))
 
     def submit(self, entry: EntryRecord) -> asyncio.Future[object]:
         """Queue an entry for the next batch. Refuses (nothing sent) when the
         queue is full or so slow that the request would time out anyway."""
-        loop = asyncio.get_running_loop()
-        if len(self._queue) >= QUEUE_ENTRIES_MAX:
-            raise QueueFull(f"{QUEUE_ENTRIES_MAX} entries already wait for the ledger")
-        if self._queue and loop.time() - self._queue[0][2] > self._queue_wait_max_s:
-            raise QueueFull("the ledger is not keeping up")
-        future: asyncio.Future[object] = loop.create_future()
-        self._queue.append((entry, future, loop.time()))
-        self._ready.set()
+        (future,) = self.submit_many([entry])
         return future
+
+    def submit_many(self, entries: Sequence[EntryRecord]) -> list[asyncio.Future[object]]:
+        """Queue entries that must share one statement (a batch request's
+        debits: one group commit). Each still gets its own outcome."""
+        invariant(
+            1 <= len(entries) <= BACKLOG_BATCH_ENTRIES_MAX,
+            f"{len(entries)} entries outside 1..{BACKLOG_BATCH_ENTRIES_MAX} in one statement",
+        )
+        loop = asyncio.get_running_loop()
+        if len(self._queue) + len(entries) > QUEUE_ENTRIES_MAX:
+            raise QueueFull(f"{QUEUE_ENTRIES_MAX} entries already wait for the ledger")
+        now = loop.time()
+        if self._queue and now - self._queue[0][2] > self._queue_wait_max_s:
+            raise QueueFull("the ledger is not keeping up")
+        futures: list[asyncio.Future[object]] = []
+        for n, entry in enumerate(entries):
+            future: asyncio.Future[object] = loop.create_future()
+            self._queue.append((entry, future, now, len(entries) if n == 0 else 0))
+            futures.append(future)
+        self._ready.set()
+        return futures
 
     @property
     def queued(self) -> int:
@@ -198,10 +215,16 @@ class LedgerWriter:
             # by side; a backlog: an equal share of it per worker.
             share = -(-len(self._queue) // self._connections)
             bound = min(max(self._batch_entries_max, share), BACKLOG_BATCH_ENTRIES_MAX)
-            while self._queue and len(batch) < bound:
-                entry, future, _ = self._queue.popleft()
-                if not future.cancelled():
-                    batch.append((entry, future))
+            taken = 0
+            while self._queue and taken < bound:
+                group = self._queue[0][3]
+                if taken and taken + group > bound:
+                    break  # a group goes whole into the next batch
+                for _ in range(group):
+                    entry, future, _, _ = self._queue.popleft()
+                    taken += 1
+                    if not future.cancelled():
+                        batch.append((entry, future))
         return batch
 
     async def _work(self) -> None:

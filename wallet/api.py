@@ -8,19 +8,27 @@ from litestar import Controller, Response, get, post
 from litestar.params import Parameter
 
 from centime.wire import decode_body, json_body, parse_cursor, problem_responses
+from wallet.holds import Holds
 from wallet.schemas import (
+    BATCH_BODY_BYTES_MAX,
     IDEMPOTENCY_KEY_CHARS_MAX,
     PAGE_SIZE_DEFAULT,
     PAGE_SIZE_MAX,
+    BatchResult,
+    Capture,
+    CaptureHold,
+    CreateBatch,
     CreateCredit,
     CreateDebit,
+    CreateHold,
     CreateWallet,
     Entry,
     EntryPage,
+    Hold,
     Wallet,
     WalletList,
 )
-from wallet.service import Wallets, parse_wallet_id
+from wallet.service import Wallets, parse_hold_id, parse_wallet_id
 
 IdempotencyKey = Annotated[
     str,
@@ -116,6 +124,28 @@ class WalletController(Controller):
         )
         return _entry_response(entry, replayed)
 
+    @post(
+        "/{wallet_id:str}/holds",
+        opt={"scope": "debit"},
+        summary="Hold part of a wallet's balance (capture or release it later)",
+        status_code=201,
+        responses=problem_responses(400, 401, 402, 403, 404, 409, 503),
+        operation_class=json_body(CreateHold),
+    )
+    async def create_hold(
+        self, wallet_id: str, body: bytes, holds: Holds, idempotency_key: IdempotencyKey
+    ) -> Response[Hold]:
+        data = decode_body(body, CreateHold)
+        hold, replayed = await holds.create_hold(
+            parse_wallet_id(wallet_id),
+            amount_micros=data.amount_micros,
+            expires_in_s=data.expires_in_s,
+            idempotency_key=idempotency_key,
+            description=data.description,
+            metadata=data.metadata,
+        )
+        return Response(hold, status_code=201, headers=REPLAYED if replayed else None)
+
     @get(
         "/{wallet_id:str}/entries",
         opt={"scope": "read"},
@@ -131,3 +161,59 @@ class WalletController(Controller):
     ) -> EntryPage:
         cursor = parse_cursor(starting_after, field="starting_after", names="an entry id")
         return await wallets.list_entries(parse_wallet_id(wallet_id), limit=limit, starting_after=cursor)
+
+
+class HoldController(Controller):
+    path = "/v1/holds"
+    tags = ["holds"]
+
+    @get(
+        "/{hold_id:str}",
+        opt={"scope": "read"},
+        summary="Get a hold",
+        responses=problem_responses(401, 404, 503),
+    )
+    async def get_hold(self, hold_id: str, holds: Holds) -> Hold:
+        return await holds.get_hold(parse_hold_id(hold_id))
+
+    @post(
+        "/{hold_id:str}/capture",
+        opt={"scope": "debit"},
+        summary="Capture a hold: debit the actual cost, release the rest",
+        status_code=200,
+        responses=problem_responses(400, 401, 403, 404, 409, 503),
+        operation_class=json_body(CaptureHold),
+    )
+    async def capture(self, hold_id: str, body: bytes, holds: Holds) -> Capture:
+        data = decode_body(body, CaptureHold)
+        return await holds.capture(parse_hold_id(hold_id), amount_micros=data.amount_micros)
+
+    @post(
+        "/{hold_id:str}/release",
+        opt={"scope": "debit"},
+        summary="Release a hold",
+        status_code=200,
+        responses=problem_responses(401, 403, 404, 409, 503),
+    )
+    async def release(self, hold_id: str, holds: Holds) -> Hold:
+        return await holds.release(parse_hold_id(hold_id))
+
+
+class DebitBatchController(Controller):
+    path = "/v1/debits"
+    tags = ["wallets"]
+
+    @post(
+        "/batch",
+        opt={"scope": "debit"},
+        summary="Debit many wallets in one request, each debit on its own",
+        status_code=200,
+        responses=problem_responses(400, 401, 403, 409, 413, 503),
+        operation_class=json_body(CreateBatch),
+        request_max_body_size=BATCH_BODY_BYTES_MAX,
+    )
+    async def create_batch(
+        self, body: bytes, wallets: Wallets, idempotency_key: IdempotencyKey
+    ) -> BatchResult:
+        batch = decode_body(body, CreateBatch)
+        return BatchResult(results=await wallets.post_batch(batch, idempotency_key=idempotency_key))

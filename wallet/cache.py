@@ -18,11 +18,16 @@ import msgspec
 import redis.asyncio as redis
 from redis.commands.core import AsyncScript
 
+from centime.errors import invariant
 from centime.money import AMOUNT_MICROS_MAX
+from ledger.ids import uuid7
 from wallet.tick_client import Script, TickClient
 
 SCRIPTS = (
     "apply",
+    "hold",
+    "capture",
+    "end_hold",
     "compensate",
     "abandon",
     "settle_committed",
@@ -55,6 +60,8 @@ class CachedWallet(msgspec.Struct, frozen=True):
     currency: str
     change_seq: int = 0
     """The last Postgres-first change (wallet/changes.py) the balance includes."""
+    held_micros: int = 0
+    """What active holds reserve (read from Redis; a load keeps Redis's)."""
 
 
 class WalletChange(msgspec.Struct, frozen=True):
@@ -85,6 +92,40 @@ class Settling(msgspec.Struct, frozen=True):
     epoch: str
 
 
+class ApplyItem(msgspec.Struct, frozen=True):
+    """One debit or credit for apply.lua."""
+
+    wallet_id: uuid.UUID
+    kind: str
+    amount_micros: int
+    request_hash: str
+    entry_id: uuid.UUID
+    payload: bytes
+    idempotency_key: str
+
+
+class HoldState(msgspec.Struct, frozen=True, kw_only=True):
+    """A hold as Redis keeps it (wallet/lua/hold.lua)."""
+
+    wallet_id: uuid.UUID
+    amount_micros: int
+    status: str
+    expires_at_ms: int
+    currency: str
+    payload: bytes
+    ended_at_ms: int | None
+    requested_micros: int | None
+    captured_micros: int | None
+    entry_id: uuid.UUID | None
+
+
+def new_hold_id(wallet_id: uuid.UUID) -> uuid.UUID:
+    """A UUIDv7 whose last four bytes are the wallet's partition hash, so a
+    hold id alone names its partition: the wallet's (Cache.hold_partition)."""
+    value = uuid7().bytes[:12] + zlib.crc32(wallet_id.bytes).to_bytes(4, "big")
+    return uuid.UUID(bytes=value)
+
+
 class Cache:
     """Key names and script calls. Holds the client; no other state."""
 
@@ -113,6 +154,10 @@ class Cache:
     def partition(self, wallet_id: uuid.UUID) -> int:
         return zlib.crc32(wallet_id.bytes) % self.partition_count
 
+    def hold_partition(self, hold_id: uuid.UUID) -> int:
+        """The partition of the hold's wallet (new_hold_id)."""
+        return int.from_bytes(hold_id.bytes[12:], "big") % self.partition_count
+
     def _tag(self, partition: int) -> str:
         return f"{self.prefix}:{{p{partition}}}"
 
@@ -127,6 +172,30 @@ class Cache:
 
     def abandoned_key(self, partition: int) -> str:
         return f"{self._tag(partition)}:abandoned"
+
+    def batch_key(self, idempotency_key: str) -> str:
+        partition = zlib.crc32(idempotency_key.encode()) % self.partition_count
+        return f"{self._tag(partition)}:batch:{idempotency_key}"
+
+    async def claim_batch_key(self, idempotency_key: str, request_hash: str, *, ttl_s: int) -> bool:
+        """Bind a batch's Idempotency-Key to its body. False when the key is
+        bound to another body (its items replay through their own keys)."""
+        key = self.batch_key(idempotency_key)
+        if await self.client.set(key, request_hash, nx=True, ex=ttl_s):
+            return True
+        return await self.client.get(key) == request_hash.encode()
+
+    def hold_key(self, hold_id: uuid.UUID) -> str:
+        return f"{self._tag(self.hold_partition(hold_id))}:h:{hold_id}"
+
+    def hold_idempotency_key(self, wallet_id: uuid.UUID, key: str) -> str:
+        return f"{self._tag(self.partition(wallet_id))}:hi:{wallet_id}:{key}"
+
+    def hold_expiry_key(self, partition: int) -> str:
+        return f"{self._tag(partition)}:hold_expiry"
+
+    def hold_events_key(self, partition: int) -> str:
+        return f"{self._tag(partition)}:hold_events"
 
     # Scripts -------------------------------------------------------------
 
@@ -145,17 +214,158 @@ class Cache:
         idempotency_key: str,
         ttl_s: int,
     ) -> list[Any]:
+        item = ApplyItem(wallet_id, kind, amount_micros, request_hash, entry_id, payload, idempotency_key)
+        (reply,) = await self.apply_items(self.partition(wallet_id), [item], ttl_s=ttl_s)
+        return reply
+
+    async def apply_items(self, partition: int, items: Sequence[ApplyItem], *, ttl_s: int) -> list[list[Any]]:
+        """Debit or credit wallets of one partition in one script call; a
+        reply per item (apply.lua)."""
+        keys = [self.outbox_key(partition), self.abandoned_key(partition)]
+        args: list[Any] = [ttl_s, AMOUNT_MICROS_MAX]
+        for item in items:
+            invariant(
+                self.partition(item.wallet_id) == partition, f"wallet {item.wallet_id} not in {partition}"
+            )
+            keys += [
+                self.wallet_key(item.wallet_id),
+                self.idempotency_key(item.wallet_id, item.idempotency_key),
+            ]
+            args += [item.kind, str(item.amount_micros), item.request_hash, str(item.entry_id), item.payload]
+        if self.tick is not None:
+            return await self.tick.evalsha(self._tick_apply, keys, args)
+        return await self._run("apply", keys, args)
+
+    # Holds -------------------------------------------------------------------
+
+    async def hold(
+        self,
+        *,
+        hold_id: uuid.UUID,
+        wallet_id: uuid.UUID,
+        amount_micros: int,
+        request_hash: str,
+        payload: bytes,
+        expires_in_s: int,
+        idempotency_key: str,
+        ttl_s: int,
+    ) -> list[Any]:
+        p = self.partition(wallet_id)
+        invariant(self.hold_partition(hold_id) == p, f"hold {hold_id} is not in its wallet's partition")
+        keys = [
+            self.wallet_key(wallet_id),
+            self.hold_idempotency_key(wallet_id, idempotency_key),
+            self.hold_key(hold_id),
+            self.hold_expiry_key(p),
+            self.hold_events_key(p),
+        ]
+        args = [
+            str(hold_id),
+            str(amount_micros),
+            request_hash,
+            payload,
+            expires_in_s,
+            ttl_s,
+            str(wallet_id),
+            AMOUNT_MICROS_MAX,
+        ]
+        return await self._run("hold", keys, args)
+
+    async def capture(
+        self,
+        *,
+        hold_id: uuid.UUID,
+        wallet_id: uuid.UUID,
+        requested_micros: int,
+        request_hash: str,
+        entry_id: uuid.UUID,
+        payload_tail: bytes,
+        idempotency_key: str,
+        ttl_s: int,
+    ) -> list[Any]:
         p = self.partition(wallet_id)
         keys = [
+            self.hold_key(hold_id),
             self.wallet_key(wallet_id),
             self.idempotency_key(wallet_id, idempotency_key),
             self.outbox_key(p),
             self.abandoned_key(p),
+            self.hold_expiry_key(p),
+            self.hold_events_key(p),
         ]
-        args = [kind, str(amount_micros), request_hash, str(entry_id), payload, ttl_s, AMOUNT_MICROS_MAX]
-        if self.tick is not None:
-            return await self.tick.evalsha(self._tick_apply, keys, args)
-        return await self._run("apply", keys, args)
+        args = [
+            str(hold_id),
+            str(wallet_id),
+            str(requested_micros),
+            request_hash,
+            str(entry_id),
+            payload_tail,
+            ttl_s,
+            AMOUNT_MICROS_MAX,
+        ]
+        return await self._run("capture", keys, args)
+
+    async def end_hold(self, hold_id: uuid.UUID, wallet_id: uuid.UUID, status: str) -> list[Any]:
+        """Release or expire a hold (end_hold.lua)."""
+        p = self.partition(wallet_id)
+        keys = [
+            self.hold_key(hold_id),
+            self.wallet_key(wallet_id),
+            self.hold_expiry_key(p),
+            self.hold_events_key(p),
+        ]
+        return await self._run("end_hold", keys, [str(hold_id), str(wallet_id), status])
+
+    async def hold_state(self, hold_id: uuid.UUID) -> HoldState | None:
+        fields = await self.client.hmget(
+            self.hold_key(hold_id), "w", "a", "st", "x", "c", "d", "t", "r", "k", "n"
+        )
+        w, a, st, x, c, d, t, r, k, n = fields
+        if w is None or a is None or st is None or x is None or c is None or d is None:
+            return None
+        return HoldState(
+            wallet_id=uuid.UUID(w.decode()),
+            amount_micros=int(a),
+            status=st.decode(),
+            expires_at_ms=int(x),
+            currency=c.decode(),
+            payload=d,
+            ended_at_ms=None if t is None else int(t),
+            requested_micros=None if r is None else int(r),
+            captured_micros=None if k is None else int(k),
+            entry_id=uuid.UUID(n.decode()) if n else None,
+        )
+
+    async def due_holds(
+        self, partition: int, *, now_ms: int, count: int
+    ) -> list[tuple[uuid.UUID, uuid.UUID]]:
+        """(hold id, wallet id) of up to `count` holds of the partition whose time has come."""
+        members = await self.client.zrangebyscore(
+            self.hold_expiry_key(partition), "-inf", now_ms, start=0, num=count
+        )
+        due = []
+        for member in members:
+            hold_text, _, wallet_text = member.decode().partition(":")
+            due.append((uuid.UUID(hold_text), uuid.UUID(wallet_text)))
+        return due
+
+    async def hold_events(
+        self, partition: int, *, before_ms: int | None, count: int
+    ) -> list[tuple[str, dict[bytes, bytes]]]:
+        """Up to `count` hold events not yet recorded in Postgres, oldest
+        first (only those older than `before_ms` when given)."""
+        end = "+" if before_ms is None else str(max(before_ms, 0))
+        entries = await self.client.xrange(self.hold_events_key(partition), "-", end, count=count)
+        return [(event_id.decode(), fields) for event_id, fields in entries]
+
+    async def hold_events_range(self, partition: int, event_id: str) -> list[tuple[str, dict[bytes, bytes]]]:
+        """The one event `event_id`, if it is still waiting to be recorded."""
+        entries = await self.client.xrange(self.hold_events_key(partition), event_id, event_id)
+        return [(found.decode(), fields) for found, fields in entries]
+
+    async def forget_hold_events(self, partition: int, event_ids: Sequence[str]) -> None:
+        if event_ids:
+            await self.client.xdel(self.hold_events_key(partition), *event_ids)
 
     async def compensate(
         self, *, wallet_id: uuid.UUID, idempotency_key: str, outbox_id: str, undo: Undo, entry_id: uuid.UUID
@@ -329,11 +539,13 @@ class Cache:
     async def wallet(self, wallet_id: uuid.UUID) -> CachedWallet | None:
         """The wallet as the debit path sees it; None when absent or partial
         (apply.lua answers `missing` for both, and the next load repairs it)."""
-        fields = await self.client.hmget(self.wallet_key(wallet_id), "b", "o", "s", "c", "e")
-        if any(value is None for value in fields):
+        fields = await self.client.hmget(self.wallet_key(wallet_id), "b", "o", "s", "c", "e", "h")
+        if any(value is None for value in fields[:5]):
             return None
-        balance, overdraft, status, currency, _ = fields
-        return CachedWallet(int(balance), int(overdraft), status.decode(), currency.decode())
+        balance, overdraft, status, currency, _, held = fields
+        return CachedWallet(
+            int(balance), int(overdraft), status.decode(), currency.decode(), held_micros=int(held or 0)
+        )
 
     async def balances(self, wallet_ids: Sequence[uuid.UUID]) -> list[int | None]:
         async with self.client.pipeline(transaction=False) as pipe:

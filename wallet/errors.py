@@ -45,3 +45,18 @@ class BalanceTooLarge(CentimeError):
     status = 400
     code = "invalid_request"
     title = "Invalid request"
+
+
+class HoldNotFound(NotFound):
+    code = "hold_not_found"
+    title = "Hold not found"
+
+
+class HoldEnded(Conflict):
+    code = "hold_not_held"
+    title = "The hold has ended"
+
+
+class CaptureReversed(Conflict):
+    code = "capture_reversed"
+    title = "The capture failed and was reversed"

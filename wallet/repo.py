@@ -123,3 +123,33 @@ async def wallets_with_changes(conn: asyncpg.Connection, before: datetime, limit
 
 async def changes_count(conn: asyncpg.Connection) -> int:
     return await conn.fetchval(Q["changes_count"])
+
+
+class HoldEventRow(msgspec.Struct, frozen=True, kw_only=True):
+    hold_id: uuid.UUID
+    kind: str
+    wallet_id: uuid.UUID
+    currency: str
+    amount_micros: int
+    requested_micros: int | None
+    captured_micros: int | None
+    entry_id: uuid.UUID | None
+    expires_at: datetime
+    idempotency_key: str
+    description: str | None
+    metadata: str
+    """JSON text."""
+    occurred_at: datetime
+
+
+async def insert_hold_events(conn: asyncpg.Connection, rows: list[HoldEventRow], *, timeout_s: float) -> None:
+    columns = [f.name for f in msgspec.structs.fields(HoldEventRow)]
+    await conn.execute(
+        Q["insert_hold_events"],
+        *([getattr(row, name) for row in rows] for name in columns),
+        timeout=timeout_s,
+    )
+
+
+async def hold_events_of(conn: asyncpg.Connection, hold_id: uuid.UUID) -> list[HoldEventRow]:
+    return [HoldEventRow(**dict(record)) for record in await conn.fetch(Q["hold_events_of"], hold_id)]

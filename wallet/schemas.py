@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -20,6 +20,11 @@ IDEMPOTENCY_KEY_CHARS_MAX = 255
 PAGE_SIZE_MAX = 100
 PAGE_SIZE_DEFAULT = 20
 WALLETS_PER_OWNER_MAX = 100
+HOLD_EXPIRES_IN_S_DEFAULT = 300
+HOLD_EXPIRES_IN_S_MAX = 24 * 3600
+BATCH_DEBITS_MAX = 1000
+BATCH_BODY_BYTES_MAX = 4 * 1024 * 1024
+"""A full batch with long descriptions fits; the single-request limit (64 KiB) does not."""
 
 NO_NUL = "^[^\\x00]*$"
 """Postgres text cannot hold NUL; refuse it at the door, not in a commit."""
@@ -33,6 +38,9 @@ Metadata = Annotated[
         max_length=METADATA_KEYS_MAX,
         description=f"At most {METADATA_KEYS_MAX} string keys and values.",
     ),
+]
+IdempotencyKeyText = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=IDEMPOTENCY_KEY_CHARS_MAX, pattern=NO_NUL)
 ]
 Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=DESCRIPTION_CHARS_MAX, pattern=NO_NUL)]
 
@@ -60,6 +68,10 @@ class Wallet(msgspec.Struct, kw_only=True):
     owner_id: str
     currency: str
     balance_micros: int
+    held_micros: int
+    """Reserved by active holds."""
+    available_micros: int
+    """What a debit or hold can take now: balance - held + overdraft limit."""
     overdraft_limit_micros: int
     status: Literal["active", "frozen"]
     created_at: datetime
@@ -104,3 +116,96 @@ class EntryPayload(msgspec.Struct, frozen=True, kw_only=True):
     description: str | None
     metadata: dict[str, str]
     created_at: datetime
+
+
+# Holds ---------------------------------------------------------------------
+
+HoldStatus = Literal["held", "captured", "released", "expired"]
+
+
+class CreateHold(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    amount_micros: AmountMicros
+    expires_in_s: Annotated[int, msgspec.Meta(ge=1, le=HOLD_EXPIRES_IN_S_MAX)] = HOLD_EXPIRES_IN_S_DEFAULT
+    description: Description | None = None
+    metadata: Metadata = {}
+
+
+class CaptureHold(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    amount_micros: AmountMicros
+    """The call's actual cost: may be more or less than the hold."""
+
+
+class HoldPayload(msgspec.Struct, frozen=True, kw_only=True):
+    """What Redis keeps of a hold's request (wallet/lua/hold.lua), so its
+    events can be recorded without asking anyone else."""
+
+    id: uuid.UUID
+    wallet_id: uuid.UUID
+    amount_micros: int
+    idempotency_key: str
+    request_hash: str
+    description: str | None
+    metadata: dict[str, str]
+    created_at: datetime
+
+
+class Hold(msgspec.Struct, kw_only=True):
+    id: uuid.UUID
+    wallet_id: uuid.UUID
+    amount_micros: int
+    currency: str
+    status: HoldStatus
+    expires_at: datetime
+    idempotency_key: str
+    description: str | None
+    metadata: dict[str, str]
+    created_at: datetime
+    ended_at: datetime | None = None
+    """When it was captured, released or expired."""
+    captured_micros: int | None = None
+    entry_id: uuid.UUID | None = None
+    """The capture's debit entry, when something was captured."""
+
+
+class Capture(msgspec.Struct, kw_only=True):
+    hold: Hold
+    entry: Entry | None
+    """The debit entry; none when the wallet's limit left nothing to capture."""
+    requested_micros: int
+    captured_micros: int
+    shortfall_micros: int
+    """requested - captured: what the wallet's overdraft limit did not allow."""
+
+
+# Batch debits ----------------------------------------------------------------
+
+
+class BatchDebit(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    wallet_id: uuid.UUID
+    amount_micros: AmountMicros
+    idempotency_key: IdempotencyKeyText
+    description: Description | None = None
+    metadata: Metadata = {}
+
+
+class CreateBatch(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    debits: Annotated[
+        list[BatchDebit],
+        msgspec.Meta(
+            min_length=1, max_length=BATCH_DEBITS_MAX, description=f"1 to {BATCH_DEBITS_MAX} debits."
+        ),
+    ]
+
+
+class BatchItem(msgspec.Struct, kw_only=True):
+    status: int
+    """What this debit alone would have been answered: 201, or the problem's status."""
+    entry: Entry | None = None
+    replayed: bool = False
+    problem: dict[str, Any] | None = None
+    """The RFC 9457 problem a single debit would get (its `code` says what went wrong)."""
+
+
+class BatchResult(msgspec.Struct, kw_only=True):
+    results: list[BatchItem]
+    """One per debit, in request order."""

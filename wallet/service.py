@@ -29,6 +29,7 @@ from centime import metrics
 from centime.errors import InvalidRequest, Unavailable, invariant
 from centime.money import AMOUNT_MICROS_MAX, is_supported_currency
 from centime.settings import Settings
+from centime.wire import problem_answer
 from ledger import repo as ledger_repo
 from ledger.accounts import credit_lines, debit_lines
 from ledger.ids import uuid7
@@ -43,10 +44,11 @@ from ledger.writer import (
     write_with_reversal,
 )
 from wallet import repo
-from wallet.cache import Cache, CachedWallet, Settling, Undo
+from wallet.cache import ApplyItem, Cache, CachedWallet, Settling, Undo
 from wallet.changes import load_from_ledger
 from wallet.errors import (
     BalanceTooLarge,
+    HoldNotFound,
     IdempotencyConflict,
     IdempotencyKeyReversed,
     InsufficientFunds,
@@ -56,8 +58,11 @@ from wallet.errors import (
     WalletNotFound,
 )
 from wallet.schemas import (
+    BATCH_DEBITS_MAX,
     PAGE_SIZE_MAX,
     WALLETS_PER_OWNER_MAX,
+    BatchItem,
+    CreateBatch,
     CreateWallet,
     Entry,
     EntryPage,
@@ -113,6 +118,14 @@ def parse_wallet_id(raw: str) -> uuid.UUID:
         return uuid.UUID(raw)
     except ValueError:
         raise WalletNotFound(f"no wallet {raw!r}") from None
+
+
+def parse_hold_id(raw: str) -> uuid.UUID:
+    """A path id that is not a UUID names no hold: 404, like any unknown id."""
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise HoldNotFound(f"no hold {raw!r}") from None
 
 
 def to_entry(record: EntryRecord) -> Entry:
@@ -224,7 +237,7 @@ class Wallets:
             await self.cache.load_wallet(wallet_id, cached, overwrite=False)
         except redis.exceptions.RedisError as exc:  # loaded from the ledger on first use
             log.warning("wallet %s created; Redis load deferred: %r", wallet_id, exc)
-        return _wallet(row, 0)
+        return _wallet(row, 0, 0)
 
     async def get_wallet(self, wallet_id: uuid.UUID) -> Wallet:
         async with self.pool.acquire(timeout=self._database_timeout_s) as conn:
@@ -232,12 +245,13 @@ class Wallets:
             if row is None:
                 raise WalletNotFound(f"no wallet {wallet_id}")
             cached = await self._cached_or_load(conn, row)
-        return _wallet(row, cached.balance_micros)
+        return _wallet(row, cached.balance_micros, cached.held_micros)
 
     async def list_wallets(self, owner_id: str) -> list[Wallet]:
         async with self.pool.acquire(timeout=self._database_timeout_s) as conn:
             rows = await repo.wallets_by_owner(conn, owner_id, WALLETS_PER_OWNER_MAX)
-            return [_wallet(row, (await self._cached_or_load(conn, row)).balance_micros) for row in rows]
+            cached = [await self._cached_or_load(conn, row) for row in rows]
+        return [_wallet(row, c.balance_micros, c.held_micros) for row, c in zip(rows, cached, strict=True)]
 
     async def _cached_or_load(self, conn: asyncpg.Connection, row: repo.WalletRow) -> CachedWallet:
         cached = await self.cache.wallet(row.id)
@@ -292,9 +306,145 @@ class Wallets:
             charge_or_replay = await self._charge(payload)
             if isinstance(charge_or_replay, Entry):
                 return charge_or_replay, True  # replayed, from Redis or from the ledger
-            return await self._write_through(charge_or_replay, payload)
+            return await self.write_through(charge_or_replay, payload)
         finally:
             metrics.debit_latency_seconds.observe(time.perf_counter() - started)
+
+    async def post_batch(self, batch: CreateBatch, *, idempotency_key: str) -> list[BatchItem]:
+        """Debit many wallets, each item on its own: one apply.lua call per
+        partition (all sent in one event-loop tick), one group commit for
+        every charge, and an answer per item in request order. A retry with
+        the same key and body replays each item through its own key."""
+        batch_hash = hashlib.sha256(_hash_encoder.encode(batch)).hexdigest()[:32]
+        if not await self.cache.claim_batch_key(
+            idempotency_key, batch_hash, ttl_s=self.settings.idempotency_ttl_s
+        ):
+            raise IdempotencyConflict(f"idempotency key {idempotency_key!r} was used with another batch")
+        debits = batch.debits
+        invariant(1 <= len(debits) <= BATCH_DEBITS_MAX, f"{len(debits)} debits outside 1..{BATCH_DEBITS_MAX}")
+        created_at = datetime.now(UTC)
+        payloads = [
+            EntryPayload(
+                id=uuid7(),
+                wallet_id=item.wallet_id,
+                kind="debit",
+                amount_micros=item.amount_micros,
+                idempotency_key=item.idempotency_key,
+                request_hash=request_hash("debit", item.amount_micros, item.description, item.metadata),
+                description=item.description,
+                metadata=item.metadata,
+                created_at=created_at,
+            )
+            for item in debits
+        ]
+        answers: list[BatchItem | None] = [None] * len(payloads)
+        charges: dict[int, Charge] = {}
+        waiting = list(range(len(payloads)))
+        for _attempt in range(2):  # the second only for wallets missing from Redis, once loaded
+            missing = await self._charge_batch(payloads, waiting, answers, charges)
+            for wallet_id in {payloads[i].wallet_id for i in missing}:
+                try:
+                    await self.load_missing(wallet_id)
+                except Exception as exc:
+                    for i in missing:
+                        if payloads[i].wallet_id == wallet_id:
+                            answers[i] = _problem_item(exc)
+            waiting = [i for i in missing if answers[i] is None]
+            if not waiting:
+                break
+        for i in waiting:
+            answers[i] = _problem_item(Unavailable(f"wallet {payloads[i].wallet_id} could not be loaded"))
+        if charges:
+            await self._write_batch(payloads, charges, answers)
+        invariant(all(a is not None for a in answers), "every batch item has an answer")
+        return [a for a in answers if a is not None]
+
+    async def _charge_batch(
+        self,
+        payloads: list[EntryPayload],
+        indexes: list[int],
+        answers: list[BatchItem | None],
+        charges: dict[int, Charge],
+    ) -> list[int]:
+        """Charge the items `indexes` in Redis, one call per partition. Fills
+        `answers` (replays, refusals) and `charges`; returns the items whose
+        wallet is missing from Redis."""
+        by_partition: dict[int, list[int]] = defaultdict(list)
+        for i in indexes:
+            by_partition[self.cache.partition(payloads[i].wallet_id)].append(i)
+
+        async def charge(partition: int, items: list[int]) -> list[Any] | BaseException:
+            apply_items = [
+                ApplyItem(
+                    p.wallet_id,
+                    p.kind,
+                    p.amount_micros,
+                    p.request_hash,
+                    p.id,
+                    encode_payload(p),
+                    p.idempotency_key,
+                )
+                for p in (payloads[i] for i in items)
+            ]
+            try:
+                return await self.cache.apply_items(
+                    partition, apply_items, ttl_s=self.settings.idempotency_ttl_s
+                )
+            except redis.exceptions.RedisError as exc:
+                return exc
+
+        replies = await asyncio.gather(*(charge(p, items) for p, items in by_partition.items()))
+        missing: list[int] = []
+        for items, reply in zip(by_partition.values(), replies, strict=True):
+            if isinstance(reply, BaseException):
+                for i in items:  # the script may have run: hand each to the sweeper
+                    p = payloads[i]
+                    self._spawn(self._abandon_later(p.wallet_id, p.idempotency_key, p.id, None))
+                    answers[i] = _problem_item(
+                        Unavailable("the balance store did not answer; nothing was charged")
+                    )
+                continue
+            for i, result in zip(items, reply, strict=True):
+                try:
+                    charged = await self._charged(result, payloads[i])
+                except Exception as exc:
+                    answers[i] = _problem_item(exc)
+                    continue
+                if charged is None:
+                    missing.append(i)
+                elif isinstance(charged, Entry):
+                    answers[i] = BatchItem(status=201, entry=charged, replayed=True)
+                else:
+                    charges[i] = charged
+        return missing
+
+    async def _write_batch(
+        self, payloads: list[EntryPayload], charges: dict[int, Charge], answers: list[BatchItem | None]
+    ) -> None:
+        """Write every charge through in one group commit, then settle each
+        as a single debit would be."""
+        items = list(charges.items())
+        for _, charge in items:
+            self._charges[charge.entry.id] = charge
+        try:
+            futures = self.writer.submit_many([charge.entry for _, charge in items])
+        except QueueFull as exc:
+            for i, charge in items:
+                self._charges.pop(charge.entry.id, None)
+                await self._compensate(charge)
+                answers[i] = _problem_item(
+                    Unavailable(f"the ledger is overloaded; nothing was charged ({exc})")
+                )
+            return
+
+        async def settle(i: int, charge: Charge, future: asyncio.Future[object]) -> None:
+            try:
+                entry, replayed = await self._settle_commit(charge, payloads[i], future)
+                answers[i] = BatchItem(status=201, entry=entry, replayed=replayed)
+            except Exception as exc:
+                answers[i] = _problem_item(exc)
+
+        await asyncio.gather(*(settle(i, c, f) for (i, c), f in zip(items, futures, strict=True)))
 
     async def _charge(self, payload: EntryPayload) -> Charge | Entry:
         encoded = encode_payload(payload)
@@ -315,29 +465,37 @@ class Wallets:
                 # the background and bounded, so a 503 never leaves a charge.
                 self._spawn(self._abandon_later(payload.wallet_id, payload.idempotency_key, payload.id, None))
                 raise Unavailable("the balance store did not answer; nothing was charged") from exc
-            status = result[0].decode()
-            if status == "ok":
-                balance = int(result[1])
-                currency = result[3].decode()
-                return Charge(
-                    record_from_payload(payload, balance_micros=balance, currency=currency),
-                    result[2].decode(),
-                    result[4].decode(),
-                )
-            if status == "missing":
-                await self._load_missing(payload.wallet_id)
-                continue
-            if status in REFUSALS_TO_CHECK_IN_LEDGER:
-                # Redis may have lost this key's record: the ledger keeps keys
-                # forever, and a retry of a charged request must replay it.
-                async with self.pool.acquire(timeout=self._database_timeout_s) as conn:
-                    holder = await ledger_repo.entry_by_wallet_key(
-                        conn, payload.wallet_id, payload.idempotency_key
-                    )
-                if holder is not None:
-                    return await self._answer_as_holder(holder, payload)
-            return self._refusal(status, result, payload)
+            charged = await self._charged(result, payload)
+            if charged is not None:
+                return charged
+            await self.load_missing(payload.wallet_id)
         raise Unavailable(f"wallet {payload.wallet_id} could not be loaded into the balance store")
+
+    async def _charged(self, result: list[Any], payload: EntryPayload) -> Charge | Entry | None:
+        """What apply.lua's reply for one item means: a charge to write
+        through, an earlier result to replay, None when the wallet must be
+        loaded first; a refusal raises."""
+        status = result[0].decode()
+        if status == "ok":
+            balance = int(result[1])
+            currency = result[3].decode()
+            return Charge(
+                record_from_payload(payload, balance_micros=balance, currency=currency),
+                result[2].decode(),
+                result[4].decode(),
+            )
+        if status == "missing":
+            return None
+        if status in REFUSALS_TO_CHECK_IN_LEDGER:
+            # Redis may have lost this key's record: the ledger keeps keys
+            # forever, and a retry of a charged request must replay it.
+            async with self.pool.acquire(timeout=self._database_timeout_s) as conn:
+                holder = await ledger_repo.entry_by_wallet_key(
+                    conn, payload.wallet_id, payload.idempotency_key
+                )
+            if holder is not None:
+                return await self._answer_as_holder(holder, payload)
+        return self._refusal(status, result, payload)
 
     def _refusal(self, status: str, result: list, payload: EntryPayload) -> Entry:
         if status == "replay":
@@ -372,14 +530,14 @@ class Wallets:
             )
         raise Unavailable(f"unexpected answer {status!r} from the balance store")
 
-    async def _load_missing(self, wallet_id: uuid.UUID) -> None:
+    async def load_missing(self, wallet_id: uuid.UUID) -> None:
         async with self.pool.acquire(timeout=self._database_timeout_s) as conn:
             row = await repo.wallet_by_id(conn, wallet_id)
             if row is None:
                 raise WalletNotFound(f"no wallet {wallet_id}")
             await self._cached_or_load(conn, row)
 
-    async def _write_through(self, charge: Charge, payload: EntryPayload) -> tuple[Entry, bool]:
+    async def write_through(self, charge: Charge, payload: EntryPayload) -> tuple[Entry, bool]:
         entry = charge.entry
         try:
             self._charges[entry.id] = charge
@@ -388,6 +546,13 @@ class Wallets:
             self._charges.pop(entry.id, None)
             await self._compensate(charge)
             raise Unavailable("the ledger is overloaded; nothing was charged") from exc
+        return await self._settle_commit(charge, payload, future)
+
+    async def _settle_commit(
+        self, charge: Charge, payload: EntryPayload, future: asyncio.Future[object]
+    ) -> tuple[Entry, bool]:
+        """Wait for the charge's commit, then answer, or settle it and raise."""
+        entry = charge.entry
         try:
             outcome = await self._commit_outcome(future)
             if outcome is _COMMIT_LATE:
@@ -592,12 +757,20 @@ def payload_key(entry: EntryRecord) -> str:
     return entry.idempotency_key or ""
 
 
-def _wallet(row: repo.WalletRow, balance_micros: int) -> Wallet:
+def _problem_item(exc: Exception) -> BatchItem:
+    """A batch item's answer to an error: the problem a single debit would get."""
+    answer = problem_answer(exc)
+    return BatchItem(status=answer.status, problem=answer.body)
+
+
+def _wallet(row: repo.WalletRow, balance_micros: int, held_micros: int) -> Wallet:
     return Wallet(
         id=row.id,
         owner_id=row.owner_id,
         currency=row.currency,
         balance_micros=balance_micros,
+        held_micros=held_micros,
+        available_micros=balance_micros - held_micros + row.overdraft_limit_micros,
         overdraft_limit_micros=row.overdraft_limit_micros,
         status=row.status,  # type: ignore[arg-type]
         created_at=row.created_at,

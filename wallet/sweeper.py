@@ -13,6 +13,8 @@ Each pass settles, per partition and bounded by `sweeper_batch_max`:
 - abandoned entries: their client was answered 503 before the commit's
   outcome was known. Each is written to the ledger with its reversal (both
   idempotent by id), then refunded in Redis once.
+- holds whose time has come: each expires once (end_hold.lua); then hold
+  events no request recorded are recorded in Postgres (wallet/holds.py).
 
 The grace period must far exceed commit_timeout_ms: until then an entry still
 belongs to the request that charged it.
@@ -33,6 +35,7 @@ from ledger import repo as ledger_repo
 from ledger.writer import Committed, Outcome, is_definite_failure, write_with_reversal
 from wallet.cache import Cache, Settling
 from wallet.changes import drain_changes
+from wallet.holds import drain_events, expire_due
 from wallet.service import Charge, decode_payload, payload_key, record_from_payload, settling, undo
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,8 @@ class SweepReport(msgspec.Struct, kw_only=True):
     refused: int = 0
     unreadable: int = 0
     changes_applied: int = 0
+    holds_expired: int = 0
+    hold_events_recorded: int = 0
 
     @property
     def settled(self) -> int:
@@ -58,6 +63,7 @@ class SweepReport(msgspec.Struct, kw_only=True):
             + self.abandoned_reversed
             + self.abandoned_refunded
             + self.changes_applied
+            + self.holds_expired
         )
 
 
@@ -118,6 +124,12 @@ async def sweep_once(
         await _settle_abandoned(pool, cache, charge, report, timeout_s)
     if loop.time() <= deadline:
         report.changes_applied = await drain_changes(pool, cache, wallets_max=budget, timeout_s=timeout_s)
+    if loop.time() <= deadline:
+        now_ms = await cache.server_time_ms()
+        report.holds_expired = await expire_due(cache, now_ms=now_ms, budget=budget)
+        report.hold_events_recorded = await drain_events(
+            pool, cache, before_ms=now_ms, budget=budget, timeout_s=timeout_s
+        )
     return report
 
 

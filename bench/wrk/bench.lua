@@ -6,6 +6,8 @@
 --   BENCH_KEYS_OUT  if set, each thread writes the idempotency key of every 201 to
 --                   BENCH_KEYS_OUT.<thread>, so the driver can match answers to the ledger
 --   BENCH_DELAY_MS  if set, each connection pauses this long before each request
+--   BENCH_BATCH_ITEMS  if set, each request is a POST /v1/debits/batch of this many
+--                   debits over BENCH_WALLETS (BENCH_PATH is then ignored)
 -- By hand:
 --   BENCH_PATH=/v1/wallets/{wallet}/debits BENCH_WALLETS=bench/results/wallets.txt \
 --   BENCH_KEY=<debit key> BENCH_RUN=manual wrk -t1 -c64 -d20s -s bench/wrk/bench.lua http://127.0.0.1:8000
@@ -22,11 +24,12 @@ local path_template = ""
 local run = ""
 local counter = 0
 local keys_file = nil
+local batch_items = tonumber(os.getenv("BENCH_BATCH_ITEMS") or "0") or 0
 
 function init(args)
     path_template = os.getenv("BENCH_PATH") or "/bench/floor"
     run = (os.getenv("BENCH_RUN") or "manual") .. "-" .. tostring(thread_number) .. "-"
-    if string.find(path_template, "{wallet}", 1, true) then
+    if batch_items > 0 or string.find(path_template, "{wallet}", 1, true) then
         for line in io.lines(os.getenv("BENCH_WALLETS") or "bench/results/wallets.txt") do
             if #line > 0 then wallets[#wallets + 1] = line end
         end
@@ -42,8 +45,20 @@ function init(args)
     wrk.body = '{"amount_micros":1000,"description":"bench"}'
 end
 
+local function batch_request()
+    local items = {}
+    for i = 1, batch_items do
+        local wallet = wallets[((counter * 7919 + i * 104729) % #wallets) + 1]
+        items[i] = '{"wallet_id":"' .. wallet .. '","amount_micros":1000,"idempotency_key":"'
+            .. run .. tostring(counter) .. "-" .. tostring(i) .. '"}'
+    end
+    wrk.headers["Idempotency-Key"] = run .. tostring(counter)
+    return wrk.format(nil, "/v1/debits/batch", nil, '{"debits":[' .. table.concat(items, ",") .. "]}")
+end
+
 function request()
     counter = counter + 1
+    if batch_items > 0 then return batch_request() end
     local path = path_template
     if #wallets > 0 then
         -- a multiplicative step spreads consecutive requests over the wallets
@@ -59,6 +74,11 @@ if (os.getenv("BENCH_KEYS_OUT") or "") ~= "" then
         if status == 201 then
             local key = string.match(body, '"idempotency_key":"([^"]+)"')
             if key then keys_file:write(key, "\n") end
+        elseif status == 200 and batch_items > 0 then
+            -- only a charged item (status 201) carries an entry, and with it its key
+            for key in string.gmatch(body, '"idempotency_key":"([^"]+)"') do
+                keys_file:write(key, "\n")
+            end
         end
     end
 end

@@ -293,7 +293,7 @@ async def test_undo_reversed_reaches_a_charge_the_writer_had_settled(harness: Ha
         payload = msgspec.structs.replace(_payload(wallet_id, "late"), kind=kind)
         charge = await good._charge(payload)
         good._charges[charge.entry.id] = charge
-        _, replayed = await good._write_through(charge, payload)
+        _, replayed = await good.write_through(charge, payload)
         assert not replayed
     finally:
         await good_writer.stop()

@@ -77,3 +77,28 @@ SELECT EXISTS (
     SELECT 1 FROM journal_entries
      WHERE wallet_id = $1 AND kind = 'reversal' AND committed_at > now() - make_interval(secs => $2)
 )
+
+-- name: insert_hold_events
+-- Records hold events; one already recorded (same hold and kind) is skipped,
+-- so the request and the sweeper may both record the same event.
+INSERT INTO hold_events (
+    hold_id, kind, wallet_id, currency, amount_micros, requested_micros, captured_micros, entry_id,
+    expires_at, idempotency_key, description, metadata, occurred_at
+)
+SELECT e.hold_id, e.kind, e.wallet_id, e.currency, e.amount_micros, e.requested_micros, e.captured_micros,
+       e.entry_id, e.expires_at, e.idempotency_key, e.description, e.metadata::jsonb, e.occurred_at
+  FROM unnest(
+           $1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[],
+           $8::uuid[], $9::timestamptz[], $10::text[], $11::text[], $12::text[], $13::timestamptz[]
+       ) AS e (hold_id, kind, wallet_id, currency, amount_micros, requested_micros, captured_micros,
+               entry_id, expires_at, idempotency_key, description, metadata, occurred_at)
+ON CONFLICT DO NOTHING
+
+-- name: hold_events_of
+-- What Postgres recorded of one hold, first event first.
+SELECT hold_id, kind, wallet_id, currency, amount_micros, requested_micros, captured_micros, entry_id,
+       expires_at, idempotency_key, description, metadata::text AS metadata, occurred_at
+  FROM hold_events
+ WHERE hold_id = $1
+ ORDER BY occurred_at, kind = 'held' DESC
+ LIMIT 2

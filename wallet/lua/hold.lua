@@ -1,0 +1,61 @@
+-- Reserve part of a wallet's available balance for a call whose cost is not
+-- known yet (a streamed completion), once per idempotency key.
+--
+-- KEYS[1] wallet hash (apply.lua): h holds the sum of its active holds
+-- KEYS[2] idempotency record of the hold {h = request hash, id = hold id}
+-- KEYS[3] hold hash {w = wallet id, a = amount, st = held | captured | released | expired,
+--                    x = expires at (ms, Redis clock), c = currency, d = payload (JSON),
+--                    after it ends: t = ended at (ms), and for a capture r = requested,
+--                    k = captured, n = the capture's entry id ('' when nothing was captured)}
+-- KEYS[4] the partition's hold expiry set (member 'hold id:wallet id', score = expires at ms)
+-- KEYS[5] the partition's hold event stream (what wallet/holds.py records in Postgres)
+-- ARGV[1] hold id   ARGV[2] amount_micros   ARGV[3] request hash   ARGV[4] payload (JSON)
+-- ARGV[5] expires_in_s   ARGV[6] idempotency ttl_s (after the hold ends)   ARGV[7] wallet id
+-- ARGV[8] largest amount (2^53 - 1)
+--
+-- Returns one of:
+--   {'ok', hold id, expires at ms, event id}    held
+--   {'replay', hold id}                          the key's earlier hold
+--   {'conflict'}                                 the key was used with another request
+--   {'missing'}                                  the wallet is not in Redis: load it, retry
+--   {'frozen', balance} | {'insufficient', balance, held}
+
+local record = redis.call('HMGET', KEYS[2], 'h', 'id')
+if record[1] then
+    if record[1] ~= ARGV[3] then
+        return {'conflict'}
+    end
+    return {'replay', record[2]}
+end
+
+local amount = tonumber(ARGV[2])
+local expires_in_s = tonumber(ARGV[5])
+if not amount or amount < 1 or amount > tonumber(ARGV[8]) or amount ~= math.floor(amount)
+    or not expires_in_s or expires_in_s < 1 or expires_in_s ~= math.floor(expires_in_s) then
+    return redis.error_reply('hold: bad amount or expiry')
+end
+local wallet = redis.call('HMGET', KEYS[1], 'b', 'o', 's', 'c', 'e', 'h')
+if not (wallet[1] and wallet[2] and wallet[3] and wallet[4] and wallet[5]) then
+    return {'missing'}
+end
+if wallet[3] ~= 'active' then
+    return {'frozen', wallet[1]}
+end
+local held = tonumber(wallet[6] or '0')
+if tonumber(wallet[1]) - held - amount < -tonumber(wallet[2]) then
+    return {'insufficient', wallet[1], string.format('%.0f', held)}
+end
+
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local expires_ms = string.format('%.0f', now_ms + expires_in_s * 1000)
+local keep_s = expires_in_s + tonumber(ARGV[6])
+redis.call('HINCRBY', KEYS[1], 'h', ARGV[2])
+redis.call('HSET', KEYS[3], 'w', ARGV[7], 'a', ARGV[2], 'st', 'held', 'x', expires_ms, 'c', wallet[4], 'd', ARGV[4])
+redis.call('EXPIRE', KEYS[3], keep_s)
+redis.call('ZADD', KEYS[4], expires_ms, ARGV[1] .. ':' .. ARGV[7])
+local event_id = redis.call('XADD', KEYS[5], '*', 'd', ARGV[4], 'k', 'held', 'x', expires_ms,
+    't', string.format('%.0f', now_ms), 'c', wallet[4])
+redis.call('HSET', KEYS[2], 'h', ARGV[3], 'id', ARGV[1])
+redis.call('EXPIRE', KEYS[2], keep_s)
+return {'ok', ARGV[1], expires_ms, event_id}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -70,12 +71,18 @@ def _field_name(error: dict[str, Any]) -> str:
     return "body" if key == "data" else key
 
 
+_MISSING_PARAMETER = re.compile(r"Missing required \w+ parameter '([^']+)'")
+
+
 def _validation_error(_: Request, exc: ValidationException) -> Response[dict[str, Any]]:
     errors = [e for e in exc.extra if isinstance(e, dict)] if isinstance(exc.extra, list) else []
     fields = [_field_name(e) for e in errors]
     detail = (
         "; ".join(f"{name}: {e.get('message')}" for name, e in zip(fields, errors, strict=True)) or exc.detail
     )
+    missing = _MISSING_PARAMETER.match(exc.detail or "")
+    if not errors and missing:
+        fields = [missing[1]]  # Litestar lists no error for a missing parameter: name it
     return problem(400, "invalid_request", "Invalid request", detail, fields=fields)
 
 

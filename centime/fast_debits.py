@@ -104,7 +104,7 @@ def fast_debits(app: Litestar) -> Any:
             if idempotency_key is None:
                 raise InvalidRequest(
                     f"Missing required header parameter {IDEMPOTENCY_HEADER!r} for path {scope['path']}",
-                    fields=[],
+                    fields=[IDEMPOTENCY_HEADER],
                 )
             if not 1 <= len(idempotency_key) <= IDEMPOTENCY_KEY_CHARS_MAX:
                 bound = ">= 1" if not idempotency_key else f"<= {IDEMPOTENCY_KEY_CHARS_MAX}"

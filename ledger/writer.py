@@ -266,9 +266,12 @@ class LedgerWriter:
                 _fail(batch, CommitFailed(repr(exc), definite=False))
                 return None
             if len(batch) > 1:
-                # One refused entry must not fail its batch mates: write each alone.
-                for item in batch:
-                    conn = await self._write(conn, [item]) if conn is not None else None
+                # One refused entry must not fail its batch mates: write each
+                # half again, and so on down to the refused entries alone (a
+                # few statements for one bad entry in a thousand, not a thousand).
+                middle = len(batch) // 2
+                for half in (batch[:middle], batch[middle:]):
+                    conn = await self._write(conn, half) if conn is not None else None
                     if conn is None:
                         _fail(
                             batch,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
+import msgspec
 from litestar import Controller, Response, get, post
 from litestar.params import Parameter
 
+from centime.errors import InvalidRequest
 from centime.wire import decode_body, json_body, parse_cursor, problem_responses
 from wallet.holds import Holds
 from wallet.schemas import (
@@ -215,5 +218,34 @@ class DebitBatchController(Controller):
     async def create_batch(
         self, body: bytes, wallets: Wallets, idempotency_key: IdempotencyKey
     ) -> BatchResult:
-        batch = decode_body(body, CreateBatch)
+        batch = decode_batch(body)
         return BatchResult(results=await wallets.post_batch(batch, idempotency_key=idempotency_key))
+
+
+_BATCH_DECODER = msgspec.json.Decoder(CreateBatch)
+_AT = re.compile(r" - at `\$\.?([^`]*)`$")
+_NAMED = re.compile(r"(?:unknown|required) field `([^`]*)`")
+
+
+def decode_batch(body: bytes) -> CreateBatch:
+    """decode_body, with `fields` naming the offending member where it is
+    (`debits[3].amount_micros`), not only `debits`: one item of up to
+    1,000 is wrong, and the client must find which."""
+    try:
+        return decode_body(body, CreateBatch)
+    except InvalidRequest as refused:
+        try:
+            _BATCH_DECODER.decode(body)
+        except msgspec.ValidationError as exc:
+            message = str(exc)
+            at = _AT.search(message)
+            place = at[1] if at else ""
+            named = _NAMED.search(message)
+            if named:
+                place = f"{place}.{named[1]}" if place else named[1]
+            if place:
+                detail = refused.detail.split(": ", 1)[-1]
+                raise InvalidRequest(f"{place}: {detail}", fields=[place]) from None
+        except msgspec.DecodeError:
+            pass
+        raise

@@ -323,9 +323,13 @@ class Wallets:
         debits = batch.debits
         invariant(1 <= len(debits) <= BATCH_DEBITS_MAX, f"{len(debits)} debits outside 1..{BATCH_DEBITS_MAX}")
         created_at = datetime.now(UTC)
+        # Ids in request order: a wallet's entries list newest first by id,
+        # and its items are charged in request order (uuid7 alone is random
+        # within a millisecond).
+        entry_ids = sorted(uuid7() for _ in debits)
         payloads = [
             EntryPayload(
-                id=uuid7(),
+                id=entry_id,
                 wallet_id=item.wallet_id,
                 kind="debit",
                 amount_micros=item.amount_micros,
@@ -335,20 +339,23 @@ class Wallets:
                 metadata=item.metadata,
                 created_at=created_at,
             )
-            for item in debits
+            for item, entry_id in zip(debits, entry_ids, strict=True)
         ]
         answers: list[BatchItem | None] = [None] * len(payloads)
         charges: dict[int, Charge] = {}
         waiting = list(range(len(payloads)))
         for _attempt in range(2):  # the second only for wallets missing from Redis, once loaded
             missing = await self._charge_batch(payloads, waiting, answers, charges)
-            for wallet_id in {payloads[i].wallet_id for i in missing}:
-                try:
-                    await self.load_missing(wallet_id)
-                except Exception as exc:
-                    for i in missing:
-                        if payloads[i].wallet_id == wallet_id:
-                            answers[i] = _problem_item(exc)
+            # All at once: charges already made wait for these loads.
+            wallet_ids = list({payloads[i].wallet_id: None for i in missing})
+            loaded = await asyncio.gather(*map(self.load_missing, wallet_ids), return_exceptions=True)
+            failed = dict(zip(wallet_ids, loaded, strict=True))
+            for i in missing:
+                exc = failed[payloads[i].wallet_id]
+                if isinstance(exc, Exception):
+                    answers[i] = _problem_item(exc)
+                elif isinstance(exc, BaseException):
+                    raise exc
             waiting = [i for i in missing if answers[i] is None]
             if not waiting:
                 break
@@ -356,6 +363,7 @@ class Wallets:
             answers[i] = _problem_item(Unavailable(f"wallet {payloads[i].wallet_id} could not be loaded"))
         if charges:
             await self._write_batch(payloads, charges, answers)
+        _answer_repeated_keys(payloads, answers)
         invariant(all(a is not None for a in answers), "every batch item has an answer")
         return [a for a in answers if a is not None]
 
@@ -394,7 +402,7 @@ class Wallets:
                 return exc
 
         replies = await asyncio.gather(*(charge(p, items) for p, items in by_partition.items()))
-        missing: list[int] = []
+        replied: list[tuple[int, list[Any]]] = []
         for items, reply in zip(by_partition.values(), replies, strict=True):
             if isinstance(reply, BaseException):
                 for i in items:  # the script may have run: hand each to the sweeper
@@ -404,18 +412,32 @@ class Wallets:
                         Unavailable("the balance store did not answer; nothing was charged")
                     )
                 continue
-            for i, result in zip(items, reply, strict=True):
-                try:
-                    charged = await self._charged(result, payloads[i])
-                except Exception as exc:
-                    answers[i] = _problem_item(exc)
-                    continue
-                if charged is None:
-                    missing.append(i)
-                elif isinstance(charged, Entry):
-                    answers[i] = BatchItem(status=201, entry=charged, replayed=True)
-                else:
-                    charges[i] = charged
+            replied.extend(zip(items, reply, strict=True))
+
+        async def decide(i: int, result: list[Any]) -> Charge | Entry | Exception | None:
+            try:
+                return await self._charged(result, payloads[i])
+            except Exception as exc:
+                return exc
+
+        # A refusal looks its key up in the ledger: all at once, so the
+        # charges made meanwhile wait one database timeout at most, not one
+        # per refused item (they must settle within sweeper_grace_ms). The
+        # rest need no I/O: decided in turn, without a task each.
+        lookups = [(i, r) for i, r in replied if r[0].decode() in REFUSALS_TO_CHECK_IN_LEDGER]
+        looked_up = await asyncio.gather(*(decide(i, r) for i, r in lookups))
+        decided = {i: charged for (i, _), charged in zip(lookups, looked_up, strict=True)}
+        missing: list[int] = []
+        for i, result in replied:
+            charged = decided[i] if i in decided else await decide(i, result)
+            if isinstance(charged, Exception):
+                answers[i] = _problem_item(charged)
+            elif charged is None:
+                missing.append(i)
+            elif isinstance(charged, Entry):
+                answers[i] = BatchItem(status=201, entry=charged, replayed=True)
+            else:
+                charges[i] = charged
         return missing
 
     async def _write_batch(
@@ -437,14 +459,28 @@ class Wallets:
                 )
             return
 
+        # The group commits in one statement: one wait for all of it, up to
+        # commit_timeout_ms. A committed item is answered here, without a
+        # task; any other settles as a single debit would, with no more wait.
+        await _all_done(futures, self._commit_timeout_s)
+        others: list[tuple[int, Charge, asyncio.Future[object]]] = []
+        for (i, charge), future in zip(items, futures, strict=True):
+            if future.done() and not future.cancelled() and future.exception() is None:
+                outcome = future.result()
+                if isinstance(outcome, Committed):
+                    self._charges.pop(charge.entry.id, None)
+                    answers[i] = BatchItem(status=201, entry=to_entry(charge.entry))
+                    continue
+            others.append((i, charge, future))
+
         async def settle(i: int, charge: Charge, future: asyncio.Future[object]) -> None:
             try:
-                entry, replayed = await self._settle_commit(charge, payloads[i], future)
+                entry, replayed = await self._settle_commit(charge, payloads[i], future, wait_s=0)
                 answers[i] = BatchItem(status=201, entry=entry, replayed=replayed)
             except Exception as exc:
                 answers[i] = _problem_item(exc)
 
-        await asyncio.gather(*(settle(i, c, f) for (i, c), f in zip(items, futures, strict=True)))
+        await asyncio.gather(*(settle(i, c, f) for i, c, f in others))
 
     async def _charge(self, payload: EntryPayload) -> Charge | Entry:
         encoded = encode_payload(payload)
@@ -549,12 +585,18 @@ class Wallets:
         return await self._settle_commit(charge, payload, future)
 
     async def _settle_commit(
-        self, charge: Charge, payload: EntryPayload, future: asyncio.Future[object]
+        self,
+        charge: Charge,
+        payload: EntryPayload,
+        future: asyncio.Future[object],
+        *,
+        wait_s: float | None = None,
     ) -> tuple[Entry, bool]:
-        """Wait for the charge's commit, then answer, or settle it and raise."""
+        """Wait for the charge's commit (commit_timeout_ms, or `wait_s` when
+        the caller has waited already), then answer, or settle it and raise."""
         entry = charge.entry
         try:
-            outcome = await self._commit_outcome(future)
+            outcome = await self._commit_outcome(future, self._commit_timeout_s if wait_s is None else wait_s)
             if outcome is _COMMIT_LATE:
                 outcome = await self._abandon_or_wait(charge, future)
         except CommitFailed as exc:
@@ -572,9 +614,9 @@ class Wallets:
         log.error("entry %s: abandoned while its request still waited; the sweeper reverses it", entry.id)
         raise Unavailable("the ledger did not commit the entry in time; nothing was charged")
 
-    async def _commit_outcome(self, future: asyncio.Future[object]) -> object:
+    async def _commit_outcome(self, future: asyncio.Future[object], wait_s: float) -> object:
         """The writer's outcome (CommitFailed raises), or _COMMIT_LATE after
-        commit_timeout_ms; the future itself is never cancelled here. (What
+        `wait_s`; the future itself is never cancelled here. (What
         asyncio.wait_for(asyncio.shield(...)) does, without its two extra
         futures and a task switch per debit.)"""
         if not future.done():
@@ -586,7 +628,7 @@ class Wallets:
                     waiter.set_result(None)
 
             future.add_done_callback(wake)
-            timer = loop.call_later(self._commit_timeout_s, wake)
+            timer = loop.call_later(wait_s, wake)
             try:
                 await waiter
             finally:
@@ -755,6 +797,56 @@ class Wallets:
 def payload_key(entry: EntryRecord) -> str:
     invariant(entry.idempotency_key is not None, f"entry {entry.id} has no idempotency key")
     return entry.idempotency_key or ""
+
+
+def _answer_repeated_keys(payloads: list[EntryPayload], answers: list[BatchItem | None]) -> None:
+    """A key twice on one wallet in one batch is one debit. apply.lua found
+    the later item's key taken by the earlier one, still in flight
+    (request_in_progress); the batch answers only once that one is decided,
+    so the later item (same body) gets its answer, replayed."""
+    first: dict[tuple[uuid.UUID, str], int] = {}
+    for i, payload in enumerate(payloads):
+        j = first.setdefault((payload.wallet_id, payload.idempotency_key), i)
+        answer, earlier = answers[i], answers[j]
+        if (
+            j != i
+            and answer is not None
+            and earlier is not None
+            and answer.problem is not None
+            and answer.problem.get("code") == RequestInProgress.code
+            and payloads[j].request_hash == payload.request_hash
+        ):
+            answers[i] = msgspec.structs.replace(earlier, replayed=earlier.status == 201)
+
+
+async def _all_done(futures: Sequence[asyncio.Future[object]], wait_s: float) -> None:
+    """Return when every future is done, or after `wait_s`; cancels none."""
+    pending = [f for f in futures if not f.done()]
+    if not pending:
+        return
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+    left = len(pending)
+
+    def one_done(_: object) -> None:
+        nonlocal left
+        left -= 1
+        if left == 0 and not waiter.done():
+            waiter.set_result(None)
+
+    def late() -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    for future in pending:
+        future.add_done_callback(one_done)
+    timer = loop.call_later(wait_s, late)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        for future in pending:
+            future.remove_done_callback(one_done)
 
 
 def _problem_item(exc: Exception) -> BatchItem:

@@ -32,8 +32,9 @@ from wallet.errors import (
     RequestInProgress,
     WalletFrozen,
 )
-from wallet.schemas import Capture, EntryPayload, Hold, HoldPayload
+from wallet.schemas import Capture, Entry, EntryPayload, Hold, HoldPayload
 from wallet.service import (
+    RESERVED_KEY_PREFIX,
     Charge,
     Wallets,
     decode_payload,
@@ -45,7 +46,7 @@ from wallet.service import (
 
 log = logging.getLogger(__name__)
 
-CAPTURE_KEY_PREFIX = "hold:"
+CAPTURE_KEY_PREFIX = RESERVED_KEY_PREFIX
 """A capture's debit is keyed 'hold:<hold id>' in its wallet: one per hold, in the ledger too."""
 _PAYLOAD_HEAD = b'{"amount_micros":1'
 """A capture's payload is encoded with amount 1 and sent without this head:
@@ -266,13 +267,23 @@ class Holds:
     async def release(self, hold_id: uuid.UUID) -> Hold:
         """Release a held hold. Releasing one that was released or expired
         answers it as it is; one that was captured is a conflict."""
-        state = await self._state(hold_id)
+        state = await self.cache.hold_state(hold_id)
+        if state is None:
+            # Redis let it go (long ended, or lost): answer as Postgres recorded it.
+            hold = await self.get_hold(hold_id)
+            if hold.status in ("released", "expired"):
+                return hold
+            raise HoldEnded(
+                f"hold {hold_id} has {hold.status}; there is nothing to release", hold_status=hold.status
+            )
         result = await self.cache.end_hold(hold_id, state.wallet_id, "released")
         status = result[0].decode()
         if status == "ok":
             await self._record(state.wallet_id, result[2].decode())
         elif status == "ended" and result[1] == b"captured":
-            raise HoldEnded(f"hold {hold_id} was captured; there is nothing to release", hold_status="captured")
+            raise HoldEnded(
+                f"hold {hold_id} was captured; there is nothing to release", hold_status="captured"
+            )
         elif status == "not_found":
             raise HoldNotFound(f"no hold {hold_id}")
         return await self.get_hold(hold_id)
@@ -280,7 +291,9 @@ class Holds:
     async def capture(self, hold_id: uuid.UUID, *, amount_micros: int) -> Capture:
         """Debit the actual cost and release the hold, atomically; written
         through like a debit. Replaying the same capture answers the same."""
-        state = await self._state(hold_id)
+        state = await self.cache.hold_state(hold_id)
+        if state is None:
+            return await self._replayed_from_postgres(hold_id, amount_micros)
         wallet_id = state.wallet_id
         held = _hold_payload_decoder.decode(state.payload)
         key = capture_key(hold_id)
@@ -364,15 +377,7 @@ class Holds:
                 record_from_payload(charged, balance_micros=int(result[6]), currency=result[7].decode())
             )
         elif state == "gone":
-            entry_id = uuid.UUID(result[3].decode())
-            async with self.pool.acquire(timeout=self._timeout_s) as conn:
-                found = await ledger_repo.entries_by_id(conn, [entry_id])
-                reversed_ids = await ledger_repo.reversed_entry_ids(conn, [entry_id])
-            if entry_id not in found or entry_id in reversed_ids:
-                raise CaptureReversed(
-                    f"the capture of hold {hold_id} failed: nothing is charged, and the hold is released"
-                )
-            entry = to_entry(found[entry_id])
+            entry = await self._capture_entry(hold_id, uuid.UUID(result[3].decode()))
         return Capture(
             hold=await self.get_hold(hold_id),
             entry=entry,
@@ -381,13 +386,39 @@ class Holds:
             shortfall_micros=requested - captured,
         )
 
-    async def _state(self, hold_id: uuid.UUID) -> HoldState:
-        state = await self.cache.hold_state(hold_id)
-        if state is None:
-            # Redis let it go (long ended, or lost): Postgres may know it.
-            hold = await self.get_hold(hold_id)
-            raise HoldEnded(f"hold {hold_id} has {hold.status}", hold_status=hold.status)
-        return state
+    async def _replayed_from_postgres(self, hold_id: uuid.UUID, requested_micros: int) -> Capture:
+        """Redis let the hold go (its idempotency TTL after it ended, or lost):
+        answer as Postgres recorded it, as a replay does while Redis keeps it."""
+        async with self.pool.acquire(timeout=self._timeout_s) as conn:
+            rows = await repo.hold_events_of(conn, hold_id)
+        if not rows:
+            raise HoldNotFound(f"no hold {hold_id}")
+        hold, last = hold_from_events(rows), rows[-1]
+        if last.kind != "captured":
+            raise HoldEnded(
+                f"hold {hold_id} has {hold.status}; there is nothing to capture", hold_status=hold.status
+            )
+        if last.requested_micros != requested_micros:
+            raise IdempotencyConflict(f"hold {hold_id} was captured with another amount")
+        captured = last.captured_micros or 0
+        return Capture(
+            hold=hold,
+            entry=None if last.entry_id is None else await self._capture_entry(hold_id, last.entry_id),
+            requested_micros=requested_micros,
+            captured_micros=captured,
+            shortfall_micros=requested_micros - captured,
+        )
+
+    async def _capture_entry(self, hold_id: uuid.UUID, entry_id: uuid.UUID) -> Entry:
+        """A capture's entry as the ledger holds it; CaptureReversed if it never committed or was reversed."""
+        async with self.pool.acquire(timeout=self._timeout_s) as conn:
+            found = await ledger_repo.entries_by_id(conn, [entry_id])
+            reversed_ids = await ledger_repo.reversed_entry_ids(conn, [entry_id])
+        if entry_id not in found or entry_id in reversed_ids:
+            raise CaptureReversed(
+                f"the capture of hold {hold_id} failed: nothing is charged, and the hold is released"
+            )
+        return to_entry(found[entry_id])
 
     async def _record(self, wallet_id: uuid.UUID, event_id: str) -> None:
         """Record one event now. If Postgres or Redis fails, the event waits

@@ -120,6 +120,18 @@ def parse_wallet_id(raw: str) -> uuid.UUID:
         raise WalletNotFound(f"no wallet {raw!r}") from None
 
 
+RESERVED_KEY_PREFIX = "hold:"
+"""A capture's debit is keyed 'hold:<hold id>' (wallet/holds.py): no client key may take it."""
+
+
+def refuse_reserved_key(idempotency_key: str, field: str) -> None:
+    if idempotency_key.startswith(RESERVED_KEY_PREFIX):
+        raise InvalidRequest(
+            f"{field}: keys beginning with {RESERVED_KEY_PREFIX!r} are reserved for hold captures",
+            fields=[field],
+        )
+
+
 def parse_hold_id(raw: str) -> uuid.UUID:
     """A path id that is not a UUID names no hold: 404, like any unknown id."""
     try:
@@ -292,6 +304,7 @@ class Wallets:
         """Debit or credit a wallet. Returns the entry and whether it is a replay."""
         started = time.perf_counter()
         try:
+            refuse_reserved_key(idempotency_key, "Idempotency-Key")
             payload = EntryPayload(
                 id=uuid7(),
                 wallet_id=wallet_id,
@@ -343,7 +356,13 @@ class Wallets:
         ]
         answers: list[BatchItem | None] = [None] * len(payloads)
         charges: dict[int, Charge] = {}
-        waiting = list(range(len(payloads)))
+        waiting: list[int] = []
+        for i, payload in enumerate(payloads):
+            try:
+                refuse_reserved_key(payload.idempotency_key, f"debits[{i}].idempotency_key")
+                waiting.append(i)
+            except InvalidRequest as exc:
+                answers[i] = _problem_item(exc)
         for _attempt in range(2):  # the second only for wallets missing from Redis, once loaded
             missing = await self._charge_batch(payloads, waiting, answers, charges)
             # All at once: charges already made wait for these loads.

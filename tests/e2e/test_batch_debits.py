@@ -496,3 +496,24 @@ async def test_batches_racing_single_debits_never_pass_the_overdraft_limit(priva
     ]
     checked = run_cli(settings, "check")
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+async def test_a_key_reserved_for_captures_is_refused_alone(client: httpx.AsyncClient, keys: Keys) -> None:
+    wallet_id = await new_wallet(client, keys, funded_micros=1_000)
+    debits = [
+        {
+            "wallet_id": wallet_id,
+            "amount_micros": 10,
+            "idempotency_key": "hold:0190f2a0-0000-7000-8000-0000000000aa",
+        },
+        {"wallet_id": wallet_id, "amount_micros": 10, "idempotency_key": "fine"},
+    ]
+    response = await client.post(
+        BATCH, json={"debits": debits}, headers=auth(keys.debit, secrets.token_hex(8))
+    )
+    assert response.status_code == 200, response.text
+    first, second = response.json()["results"]
+    assert (first["status"], first["problem"]["fields"]) == (400, ["debits[0].idempotency_key"])
+    assert second["status"] == 201
+    got = await client.get(f"/v1/wallets/{wallet_id}", headers=auth(keys.read))
+    assert got.json()["balance_micros"] == 990

@@ -25,11 +25,12 @@
 --   {'not_found'}         no such hold (of this wallet)
 --   {'missing'}           the wallet is not in Redis: load it, retry
 
-local requested = tonumber(ARGV[3])
-if not requested or requested < 1 or requested > tonumber(ARGV[8]) or requested ~= math.floor(requested) then
+-- A plain decimal integer only: it is stored (r) and recorded as such.
+local requested = string.match(ARGV[3], '^[1-9]%d*$') and tonumber(ARGV[3])
+if not requested or requested > tonumber(ARGV[8]) then
     return redis.error_reply('capture: bad amount')
 end
-local hold = redis.call('HMGET', KEYS[1], 'w', 'a', 'st', 'x', 'd', 'r', 'k', 'n', 'c')
+local hold = redis.call('HMGET', KEYS[1], 'w', 'a', 'st', 'x', 'd', 'r', 'k', 'n', 'c', 'i')
 if not hold[1] or hold[1] ~= ARGV[2] then
     return {'not_found'}
 end
@@ -70,6 +71,9 @@ if now_ms >= tonumber(hold[4]) then
         redis.call('HINCRBY', KEYS[2], 'h', string.format('%.0f', -math.min(tonumber(wallet[6]), tonumber(hold[2]))))
     end
     redis.call('HSET', KEYS[1], 'st', 'expired', 't', ended_ms)
+    if hold[10] then
+        redis.call('EXPIRE', KEYS[1], hold[10])  -- ended: kept for replays, then let go
+    end
     redis.call('ZREM', KEYS[6], ARGV[1] .. ':' .. ARGV[2])
     redis.call('XADD', KEYS[7], '*', 'd', hold[5], 'k', 'expired', 'x', hold[4], 't', ended_ms, 'c', hold[9])
     return {'ended', 'expired'}
@@ -103,6 +107,7 @@ if captured > 0 then
     entry_id = ARGV[5]
 end
 redis.call('HSET', KEYS[1], 'st', 'captured', 't', ended_ms, 'r', ARGV[3], 'k', captured_text, 'n', entry_id)
+redis.call('EXPIRE', KEYS[1], math.max(redis.call('TTL', KEYS[1]), tonumber(ARGV[7])))
 redis.call('ZREM', KEYS[6], ARGV[1] .. ':' .. ARGV[2])
 local event_id = redis.call('XADD', KEYS[7], '*', 'd', hold[5], 'k', 'captured', 'x', hold[4], 't', ended_ms,
     'c', wallet[4], 'r', ARGV[3], 'a', captured_text, 'n', entry_id)

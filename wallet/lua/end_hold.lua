@@ -14,7 +14,10 @@
 --   {'not_due'}                an expiry asked for before the hold's time
 --   {'not_found'}              no such hold (of this wallet)
 
-local hold = redis.call('HMGET', KEYS[1], 'w', 'a', 'st', 'x', 'd', 'c')
+if ARGV[3] ~= 'released' and ARGV[3] ~= 'expired' then
+    return redis.error_reply('end_hold: bad status')
+end
+local hold = redis.call('HMGET', KEYS[1], 'w', 'a', 'st', 'x', 'd', 'c', 'i')
 if not hold[1] or hold[1] ~= ARGV[2] then
     return {'not_found'}
 end
@@ -37,5 +40,8 @@ if held > 0 then
 end
 local ended_ms = string.format('%.0f', now_ms)
 redis.call('HSET', KEYS[1], 'st', status, 't', ended_ms)
+if hold[7] then
+    redis.call('EXPIRE', KEYS[1], hold[7])  -- ended: kept for replays, then let go
+end
 redis.call('ZREM', KEYS[3], ARGV[1] .. ':' .. ARGV[2])
 return {'ok', status, redis.call('XADD', KEYS[4], '*', 'd', hold[5], 'k', status, 'x', hold[4], 't', ended_ms, 'c', hold[6])}

@@ -5,8 +5,12 @@
 -- KEYS[2] idempotency record of the hold {h = request hash, id = hold id}
 -- KEYS[3] hold hash {w = wallet id, a = amount, st = held | captured | released | expired,
 --                    x = expires at (ms, Redis clock), c = currency, d = payload (JSON),
+--                    i = how long it is kept once ended (s),
 --                    after it ends: t = ended at (ms), and for a capture r = requested,
 --                    k = captured, n = the capture's entry id ('' when nothing was captured)}
+--         It never expires while held: the wallet's h counts it until end_hold.lua or
+--         capture.lua ends it (however late the sweeper comes), and only then is it given
+--         its time to live (i).
 -- KEYS[4] the partition's hold expiry set (member 'hold id:wallet id', score = expires at ms)
 -- KEYS[5] the partition's hold event stream (what wallet/holds.py records in Postgres)
 -- ARGV[1] hold id   ARGV[2] amount_micros   ARGV[3] request hash   ARGV[4] payload (JSON)
@@ -28,11 +32,12 @@ if record[1] then
     return {'replay', record[2]}
 end
 
-local amount = tonumber(ARGV[2])
-local expires_in_s = tonumber(ARGV[5])
-if not amount or amount < 1 or amount > tonumber(ARGV[8]) or amount ~= math.floor(amount)
-    or not expires_in_s or expires_in_s < 1 or expires_in_s ~= math.floor(expires_in_s) then
-    return redis.error_reply('hold: bad amount or expiry')
+-- Plain decimal integers only: HINCRBY, EXPIRE and the recorder read them as such.
+local amount = string.match(ARGV[2], '^[1-9]%d*$') and tonumber(ARGV[2])
+local expires_in_s = string.match(ARGV[5], '^[1-9]%d*$') and tonumber(ARGV[5])
+if not amount or amount > tonumber(ARGV[8]) or not expires_in_s
+    or not string.match(ARGV[6], '^[1-9]%d*$') then
+    return redis.error_reply('hold: bad amount, expiry or ttl')
 end
 local wallet = redis.call('HMGET', KEYS[1], 'b', 'o', 's', 'c', 'e', 'h')
 if not (wallet[1] and wallet[2] and wallet[3] and wallet[4] and wallet[5]) then
@@ -51,8 +56,8 @@ local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local expires_ms = string.format('%.0f', now_ms + expires_in_s * 1000)
 local keep_s = expires_in_s + tonumber(ARGV[6])
 redis.call('HINCRBY', KEYS[1], 'h', ARGV[2])
-redis.call('HSET', KEYS[3], 'w', ARGV[7], 'a', ARGV[2], 'st', 'held', 'x', expires_ms, 'c', wallet[4], 'd', ARGV[4])
-redis.call('EXPIRE', KEYS[3], keep_s)
+redis.call('HSET', KEYS[3], 'w', ARGV[7], 'a', ARGV[2], 'st', 'held', 'x', expires_ms, 'c', wallet[4], 'd', ARGV[4],
+    'i', ARGV[6])
 redis.call('ZADD', KEYS[4], expires_ms, ARGV[1] .. ':' .. ARGV[7])
 local event_id = redis.call('XADD', KEYS[5], '*', 'd', ARGV[4], 'k', 'held', 'x', expires_ms,
     't', string.format('%.0f', now_ms), 'c', wallet[4])

@@ -1,7 +1,9 @@
 """The Postgres ledger holds its own invariants: migrations apply once (also concurrently) and
-refuse edits, the database refuses unbalanced, one-line, line-less, mixed-currency entries and
-any UPDATE, DELETE or TRUNCATE of journal tables, and the repo, write_entries and the group-commit
-LedgerWriter write each entry once and say what the ledger holds."""
+refuse edits, the database refuses unbalanced, one-line, line-less, mixed-currency entries,
+entries and lines naming a wallet, entry or account that does not exist, lines added to a
+committed entry, any UPDATE, DELETE or TRUNCATE of journal tables and the removal of what they
+name, and the repo, write_entries and the group-commit LedgerWriter write each entry once and
+say what the ledger holds."""
 
 from __future__ import annotations
 
@@ -293,6 +295,174 @@ async def test_lines_that_unbalance_a_committed_entry_are_refused(conn: asyncpg.
             entry.id,
             wallet_id,
         )
+
+
+_INSERT_LINES = (
+    "INSERT INTO journal_lines (entry_id, line_no, account_id, currency, amount_micros) "
+    "SELECT $1, $5::int + n - 1, l.account_id, l.currency, l.amount_micros "
+    "FROM unnest($2::uuid[], $3::text[], $4::bigint[]) WITH ORDINALITY AS l (account_id, currency, amount_micros, n)"
+)
+
+
+async def insert_lines(
+    conn: asyncpg.Connection,
+    entry_id: uuid.UUID,
+    lines: Sequence[tuple[uuid.UUID, str, int]],
+    *,
+    first_line_no: int = 0,
+) -> None:
+    """One statement adding the given (account, currency, amount) lines to an entry."""
+    await conn.execute(
+        _INSERT_LINES,
+        entry_id,
+        [account for account, _, _ in lines],
+        [currency for _, currency, _ in lines],
+        [amount for _, _, amount in lines],
+        first_line_no,
+    )
+
+
+async def test_an_entry_for_a_wallet_that_does_not_exist_is_refused(conn: asyncpg.Connection) -> None:
+    await make_wallet(conn)
+    nobody = uuid7()
+    revenue = system_account_id("revenue", "usd")
+    with pytest.raises(asyncpg.ForeignKeyViolationError, match=rf"wallet {nobody}, which does not exist"):
+        await insert_raw(conn, nobody, [(revenue, "usd", 100), (revenue, "usd", -100)])
+    with pytest.raises(asyncpg.ForeignKeyViolationError) as raised:
+        await write_entries(
+            conn, [debit(nobody, lines=[Line(revenue, 1), Line(revenue, -1)])], timeout_s=TIMEOUT_S
+        )
+    assert is_definite_failure(raised.value)
+    assert await count(conn, "journal_entries") == 0
+
+
+async def test_lines_of_an_entry_that_does_not_exist_are_refused(conn: asyncpg.Connection) -> None:
+    wallet_id = await make_wallet(conn)
+    revenue = system_account_id("revenue", "usd")
+    missing = uuid7()
+    with pytest.raises(
+        asyncpg.ForeignKeyViolationError, match=rf"entry {missing} in usd, which does not exist"
+    ):
+        await insert_lines(conn, missing, [(wallet_id, "usd", 100), (revenue, "usd", -100)])
+    assert await count(conn, "journal_lines") == 0
+
+
+async def test_lines_naming_an_account_that_does_not_exist_are_refused(conn: asyncpg.Connection) -> None:
+    wallet_id = await make_wallet(conn)
+    nowhere = uuid7()
+    with pytest.raises(
+        asyncpg.ForeignKeyViolationError, match=rf"account {nowhere} in usd, which does not exist"
+    ):
+        await insert_raw(conn, wallet_id, [(wallet_id, "usd", 100), (nowhere, "usd", -100)])
+    with pytest.raises(asyncpg.ForeignKeyViolationError):
+        await ledger_repo.insert_entries(
+            conn, [debit(wallet_id, lines=[Line(wallet_id, 5), Line(nowhere, -5)])], timeout_s=TIMEOUT_S
+        )
+    assert await count(conn, "journal_entries") == 0
+
+
+async def test_balanced_lines_in_two_currencies_are_refused(conn: asyncpg.Connection) -> None:
+    """Each currency's lines balance on their own; the entry still has one currency."""
+    wallet_id = await make_wallet(conn, "usd")
+    other_wallet = await make_wallet(conn, "eur")
+    revenue_usd = system_account_id("revenue", "usd")
+    revenue_eur = system_account_id("revenue", "eur")
+    with pytest.raises(asyncpg.ForeignKeyViolationError, match="in eur, which does not exist"):
+        await insert_raw(
+            conn,
+            wallet_id,
+            [
+                (wallet_id, "usd", 100),
+                (revenue_usd, "usd", -100),
+                (other_wallet, "eur", 7),
+                (revenue_eur, "eur", -7),
+            ],
+        )
+    assert await count(conn, "journal_entries") == 0
+
+
+async def test_lines_added_to_an_entry_of_this_transaction_must_balance(conn: asyncpg.Connection) -> None:
+    """Lines may follow their entry within its transaction (as before), but each
+    statement's lines for an entry must balance: the entry stays balanced."""
+    wallet_id = await make_wallet(conn)
+    revenue = system_account_id("revenue", "usd")
+    entry = debit(wallet_id, 100)
+    with pytest.raises(asyncpg.CheckViolationError, match=r"does not balance: 1 lines summing to 5"):
+        async with conn.transaction():
+            await ledger_repo.insert_entries(conn, [entry], timeout_s=TIMEOUT_S)
+            await insert_lines(conn, entry.id, [(wallet_id, "usd", 5)], first_line_no=2)
+    assert await count(conn, "journal_entries") == 0
+
+    async with conn.transaction():
+        await ledger_repo.insert_entries(conn, [entry], timeout_s=TIMEOUT_S)
+        await insert_lines(conn, entry.id, [(wallet_id, "usd", 5), (revenue, "usd", -5)], first_line_no=2)
+    assert await ledger_repo.unbalanced_entries(conn, 10) == []
+    assert await ledger_repo.lines_total(conn) == (0, 4)
+
+
+async def test_balanced_lines_cannot_be_added_to_a_committed_entry(conn: asyncpg.Connection) -> None:
+    wallet_id = await make_wallet(conn)
+    revenue = system_account_id("revenue", "usd")
+    entry = debit(wallet_id, 100)
+    await ledger_repo.insert_entries(conn, [entry], timeout_s=TIMEOUT_S)
+    with pytest.raises(asyncpg.InsufficientPrivilegeError, match=rf"journal entry {entry.id} is committed"):
+        await insert_lines(conn, entry.id, [(wallet_id, "usd", 5), (revenue, "usd", -5)], first_line_no=2)
+    assert await ledger_repo.lines_total(conn) == (0, 2)
+
+
+async def test_an_entry_is_reversed_at_most_once(conn: asyncpg.Connection) -> None:
+    wallet_id = await make_wallet(conn)
+    original = debit(wallet_id, 100)
+    reversal = reversal_of(original, reversal_id_for(original.id))
+    second = EntryRecord(**{**_fields(reversal), "id": uuid7()})
+    assert await ledger_repo.insert_entries(conn, [original, reversal], timeout_s=TIMEOUT_S) == {
+        original.id,
+        reversal.id,
+    }
+    # A second reversal of the same entry is skipped, like any conflicting entry.
+    assert await ledger_repo.insert_entries(conn, [second], timeout_s=TIMEOUT_S) == set()
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await conn.execute(
+            "INSERT INTO journal_entries (id, kind, currency, wallet_id, amount_micros, reverses_entry_id, created_at) "
+            "VALUES ($1, 'reversal', 'usd', $2, 100, $3, now())",
+            uuid7(),
+            wallet_id,
+            original.id,
+        )
+    # A reversal of an entry that does not exist is refused.
+    with pytest.raises(asyncpg.ForeignKeyViolationError):
+        await ledger_repo.insert_entries(conn, [reversal_of(debit(wallet_id), uuid7())], timeout_s=TIMEOUT_S)
+
+
+_NEVER_REMOVED = [
+    ("DELETE FROM wallets", "DELETE"),
+    ("UPDATE wallets SET id = gen_random_uuid()", "UPDATE"),
+    ("TRUNCATE wallets CASCADE", "TRUNCATE"),
+]
+
+
+@pytest.mark.parametrize(("statement", "operation"), _NEVER_REMOVED)
+async def test_wallets_are_never_removed(conn: asyncpg.Connection, statement: str, operation: str) -> None:
+    """Entries name their wallet; with no foreign key, the wallet itself stays."""
+    wallet_id = await make_wallet(conn)
+    await ledger_repo.insert_entries(conn, [debit(wallet_id)], timeout_s=TIMEOUT_S)
+    with pytest.raises(
+        asyncpg.InsufficientPrivilegeError, match=rf"wallets are never removed.*{operation} refused"
+    ):
+        await conn.execute(statement)
+    assert await conn.fetchval("SELECT count(*) FROM wallets WHERE id = $1", wallet_id) == 1
+    # Other updates of a wallet go on as before.
+    assert await conn.execute("UPDATE wallets SET status = 'frozen' WHERE id = $1", wallet_id) == "UPDATE 1"
+
+
+async def test_accounts_cannot_be_truncated(conn: asyncpg.Connection) -> None:
+    wallet_id = await make_wallet(conn)
+    await ledger_repo.insert_entries(conn, [debit(wallet_id)], timeout_s=TIMEOUT_S)
+    with pytest.raises(
+        asyncpg.InsufficientPrivilegeError, match="ledger table accounts is append-only: TRUNCATE"
+    ):
+        await conn.execute("TRUNCATE accounts CASCADE")
+    assert await count(conn, "accounts") == 1 + 6
 
 
 async def test_zero_and_out_of_bound_amounts_are_refused(conn: asyncpg.Connection) -> None:

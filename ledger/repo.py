@@ -100,6 +100,17 @@ async def entry_by_wallet_key(
     return None if row is None else KeyHolder(_record(row), row["reversed_by"])
 
 
+async def entries_by_wallet_keys(
+    conn: asyncpg.Connection, wallet_ids: Sequence[uuid.UUID], idempotency_keys: Sequence[str]
+) -> dict[tuple[uuid.UUID, str], KeyHolder]:
+    """entry_by_wallet_key for many pairs in one query; absent pairs are missing."""
+    rows = await conn.fetch(Q["entries_by_wallet_keys"], list(wallet_ids), list(idempotency_keys))
+    return {
+        (row["wallet_id"], row["idempotency_key"]): KeyHolder(_record(row), row["reversed_by"])
+        for row in rows
+    }
+
+
 async def wallet_entries_page(
     conn: asyncpg.Connection, wallet_id: uuid.UUID, starting_after: uuid.UUID | None, limit: int
 ) -> list[EntryRecord]:

@@ -23,14 +23,14 @@ EntryKind = Literal[
 ]
 
 
-class Line(msgspec.Struct, frozen=True):
+class Line(msgspec.Struct, frozen=True, gc=False):
     """One side of an entry. Positive: debit side; negative: credit side."""
 
     account_id: uuid.UUID
     amount_micros: int
 
 
-class EntryRecord(msgspec.Struct, frozen=True, kw_only=True):
+class EntryRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     id: uuid.UUID
     kind: EntryKind
     currency: str

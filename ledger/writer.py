@@ -45,7 +45,7 @@ batches) is drained in batches of up to this many: a statement's fixed cost
 _UNCERTAIN_SQLSTATE_CLASSES = ("08", "53", "57", "58", "XX")
 
 
-class Committed(msgspec.Struct, frozen=True):
+class Committed(msgspec.Struct, frozen=True, gc=False):
     """The entry is in the ledger (`written`: by this statement, or before)."""
 
     entry_id: uuid.UUID

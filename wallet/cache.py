@@ -72,7 +72,7 @@ class WalletChange(msgspec.Struct, frozen=True):
     status: str | None
 
 
-class Undo(msgspec.Struct, frozen=True):
+class Undo(msgspec.Struct, frozen=True, gc=False):
     """How to undo a charge in Redis: a debit returns to the balance (b); a
     credit leaves the pending credits (p) it waited in. Only into the wallet
     as it was charged (epoch)."""
@@ -82,7 +82,7 @@ class Undo(msgspec.Struct, frozen=True):
     epoch: str
 
 
-class Settling(msgspec.Struct, frozen=True):
+class Settling(msgspec.Struct, frozen=True, gc=False):
     """A committed entry to settle in Redis."""
 
     outbox_id: str
@@ -92,7 +92,7 @@ class Settling(msgspec.Struct, frozen=True):
     epoch: str
 
 
-class ApplyItem(msgspec.Struct, frozen=True):
+class ApplyItem(msgspec.Struct, frozen=True, gc=False):
     """One debit or credit for apply.lua."""
 
     wallet_id: uuid.UUID

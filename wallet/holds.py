@@ -90,18 +90,22 @@ def hold_from_events(rows: list[repo.HoldEventRow]) -> Hold:
     """A hold rebuilt from what Postgres recorded (after Redis let it go)."""
     first, last = rows[0], rows[-1]
     ended = last.kind != "held"
+    status, ended_at = last.kind, last.occurred_at if ended else None
+    if not ended and first.expires_at <= datetime.now(UTC):
+        # Redis lost it (a flush) before it ended: whatever it held is free.
+        status, ended_at = "expired", first.expires_at
     return Hold(
         id=first.hold_id,
         wallet_id=first.wallet_id,
         amount_micros=first.amount_micros,
         currency=first.currency,
-        status=last.kind,  # type: ignore[arg-type]
+        status=status,  # type: ignore[arg-type]
         expires_at=first.expires_at,
         idempotency_key=first.idempotency_key,
         description=first.description,
         metadata=msgspec.json.decode(first.metadata),
         created_at=rows[0].occurred_at,
-        ended_at=last.occurred_at if ended else None,
+        ended_at=ended_at,
         captured_micros=last.captured_micros,
         entry_id=last.entry_id,
     )
@@ -311,19 +315,25 @@ class Holds:
         encoded = encode_payload(payload)
         invariant(encoded.startswith(_PAYLOAD_HEAD), "a capture payload must begin with its amount")
         for _attempt in range(2):  # the second only after loading a wallet missing from Redis
-            result = await self.cache.capture(
-                hold_id=hold_id,
-                wallet_id=wallet_id,
-                requested_micros=amount_micros,
-                request_hash=payload.request_hash,
-                entry_id=payload.id,
-                payload_tail=encoded[len(_PAYLOAD_HEAD) :],
-                idempotency_key=key,
-                ttl_s=self.settings.idempotency_ttl_s,
-            )
+            try:
+                result = await self.cache.capture(
+                    hold_id=hold_id,
+                    wallet_id=wallet_id,
+                    requested_micros=amount_micros,
+                    request_hash=payload.request_hash,
+                    entry_id=payload.id,
+                    payload_tail=encoded[len(_PAYLOAD_HEAD) :],
+                    idempotency_key=key,
+                    ttl_s=self.settings.idempotency_ttl_s,
+                )
+            except redis.exceptions.RedisError as exc:
+                # The script may have run: hand its charge to the sweeper now,
+                # as a single debit does, rather than after the grace period.
+                self.wallets.abandon_in_background(wallet_id, key, payload.id)
+                raise Unavailable("the balance store did not answer; nothing was charged") from exc
             status = result[0].decode()
             if status == "ok":
-                return await self._captured(hold_id, payload, result, amount_micros)
+                return await self._captured(hold_id, state, payload, result, amount_micros)
             if status == "replay":
                 return await self._replayed(hold_id, result)
             if status == "missing":
@@ -340,7 +350,7 @@ class Holds:
         raise Unavailable(f"wallet {wallet_id} could not be loaded into the balance store")
 
     async def _captured(
-        self, hold_id: uuid.UUID, payload: EntryPayload, result: list, requested_micros: int
+        self, hold_id: uuid.UUID, state: HoldState, payload: EntryPayload, result: list, requested_micros: int
     ) -> Capture:
         captured = int(result[1])
         entry = None
@@ -352,9 +362,20 @@ class Holds:
             entry, _ = await self.wallets.write_through(
                 Charge(record, result[3].decode(), result[5].decode()), charged
             )
+        # Committed: from here on nothing may fail the answer. The event is
+        # recorded if it can be (else the sweeper does it), and the hold is
+        # answered from what capture.lua decided, without reading Redis again.
         await self._record(payload.wallet_id, result[6].decode())
+        ended = msgspec.structs.replace(
+            state,
+            status="captured",
+            ended_at_ms=int(result[7]),
+            requested_micros=requested_micros,
+            captured_micros=captured,
+            entry_id=payload.id if captured > 0 else None,
+        )
         return Capture(
-            hold=await self.get_hold(hold_id),
+            hold=hold_from_state(hold_id, ended),
             entry=entry,
             requested_micros=requested_micros,
             captured_micros=captured,
@@ -427,5 +448,5 @@ class Holds:
         try:
             events = await self.cache.hold_events_range(partition, event_id)
             await record_events(self.pool, self.cache, partition, events, timeout_s=self._timeout_s)
-        except (redis.exceptions.RedisError, asyncpg.PostgresError, OSError, TimeoutError) as exc:
+        except Exception as exc:  # the answer never depends on it
             log.warning("hold event %s not recorded now (the sweeper will): %r", event_id, exc)

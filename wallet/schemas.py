@@ -81,7 +81,7 @@ class WalletList(msgspec.Struct, kw_only=True):
     data: list[Wallet]
 
 
-class Entry(msgspec.Struct, kw_only=True):
+class Entry(msgspec.Struct, kw_only=True, gc=False):
     id: uuid.UUID
     wallet_id: uuid.UUID
     kind: EntryKind
@@ -103,7 +103,7 @@ class EntryPage(msgspec.Struct, kw_only=True):
     has_more: bool
 
 
-class EntryPayload(msgspec.Struct, frozen=True, kw_only=True):
+class EntryPayload(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """What Redis keeps of an entry (idempotency record and outbox), so a
     replay or the sweeper can rebuild it without Postgres."""
 
@@ -197,7 +197,7 @@ class CreateBatch(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ]
 
 
-class BatchItem(msgspec.Struct, kw_only=True):
+class BatchItem(msgspec.Struct, kw_only=True, gc=False):
     status: int
     """What this debit alone would have been answered: 201, or the problem's status."""
     entry: Entry | None = None

@@ -29,7 +29,7 @@ from centime import metrics
 from centime.errors import InvalidRequest, Unavailable, invariant
 from centime.money import AMOUNT_MICROS_MAX, is_supported_currency
 from centime.settings import Settings
-from centime.wire import problem_answer
+from centime.wire import STORAGE_ERRORS, problem_answer
 from ledger import repo as ledger_repo
 from ledger.accounts import credit_lines, debit_lines
 from ledger.ids import uuid7
@@ -99,7 +99,15 @@ class AbandonedFirst(msgspec.Struct, frozen=True):
     entry_id: uuid.UUID
 
 
-class Charge(msgspec.Struct, frozen=True):
+class _Group(msgspec.Struct, frozen=True):
+    """A batch round's charges, submitted together, and their commit deadline."""
+
+    items: list[tuple[int, Charge]]
+    futures: list[asyncio.Future[object]]
+    deadline: float
+
+
+class Charge(msgspec.Struct, frozen=True, gc=False):
     """What the service needs to settle a charge made in Redis."""
 
     entry: EntryRecord
@@ -363,9 +371,18 @@ class Wallets:
                 waiting.append(i)
             except InvalidRequest as exc:
                 answers[i] = _problem_item(exc)
-        for _attempt in range(2):  # the second only for wallets missing from Redis, once loaded
-            missing = await self._charge_batch(payloads, waiting, answers, charges)
-            # All at once: charges already made wait for these loads.
+        groups: list[_Group] = []
+        missing: list[int] = []
+        for attempt in range(2):  # the second only for wallets missing from Redis, once loaded
+            charges, refused, missing = await self._charge_batch(payloads, waiting, answers)
+            # The commit starts now: no charge waits on the I/O below.
+            if charges:
+                group = await self._submit_batch(charges, answers)
+                if group is not None:
+                    groups.append(group)
+            await self._look_up_refused(payloads, refused, answers)
+            if not missing or attempt == 1:
+                break
             wallet_ids = list({payloads[i].wallet_id: None for i in missing})
             loaded = await asyncio.gather(*map(self.load_missing, wallet_ids), return_exceptions=True)
             failed = dict(zip(wallet_ids, loaded, strict=True))
@@ -376,25 +393,23 @@ class Wallets:
                 elif isinstance(exc, BaseException):
                     raise exc
             waiting = [i for i in missing if answers[i] is None]
+            missing = []
             if not waiting:
                 break
-        for i in waiting:
+        for i in missing:
             answers[i] = _problem_item(Unavailable(f"wallet {payloads[i].wallet_id} could not be loaded"))
-        if charges:
-            await self._write_batch(payloads, charges, answers)
+        for group in groups:
+            await self._settle_group(group, payloads, answers)
         _answer_repeated_keys(payloads, answers)
         invariant(all(a is not None for a in answers), "every batch item has an answer")
         return [a for a in answers if a is not None]
 
     async def _charge_batch(
-        self,
-        payloads: list[EntryPayload],
-        indexes: list[int],
-        answers: list[BatchItem | None],
-        charges: dict[int, Charge],
-    ) -> list[int]:
-        """Charge the items `indexes` in Redis, one call per partition. Fills
-        `answers` (replays, refusals) and `charges`; returns the items whose
+        self, payloads: list[EntryPayload], indexes: list[int], answers: list[BatchItem | None]
+    ) -> tuple[dict[int, Charge], list[tuple[int, list[Any]]], list[int]]:
+        """Charge the items `indexes` in Redis, one call per partition, and
+        answer the replays and the refusals that need no I/O. Returns the
+        charges, the refusals to look up in the ledger, and the items whose
         wallet is missing from Redis."""
         by_partition: dict[int, list[int]] = defaultdict(list)
         for i in indexes:
@@ -421,7 +436,9 @@ class Wallets:
                 return exc
 
         replies = await asyncio.gather(*(charge(p, items) for p, items in by_partition.items()))
-        replied: list[tuple[int, list[Any]]] = []
+        charges: dict[int, Charge] = {}
+        refused: list[tuple[int, list[Any]]] = []
+        missing: list[int] = []
         for items, reply in zip(by_partition.values(), replies, strict=True):
             if isinstance(reply, BaseException):
                 for i in items:  # the script may have run: hand each to the sweeper
@@ -431,39 +448,63 @@ class Wallets:
                         Unavailable("the balance store did not answer; nothing was charged")
                     )
                 continue
-            replied.extend(zip(items, reply, strict=True))
+            for i, result in zip(items, reply, strict=True):
+                if result[0].decode() in REFUSALS_TO_CHECK_IN_LEDGER:
+                    refused.append((i, result))
+                    continue
+                try:
+                    charged = await self._charged(result, payloads[i])  # no I/O for these
+                except Exception as exc:
+                    answers[i] = _problem_item(exc)
+                    continue
+                if charged is None:
+                    missing.append(i)
+                elif isinstance(charged, Entry):
+                    answers[i] = BatchItem(status=201, entry=charged, replayed=True)
+                else:
+                    charges[i] = charged
+        return charges, refused, missing
 
-        async def decide(i: int, result: list[Any]) -> Charge | Entry | Exception | None:
-            try:
-                return await self._charged(result, payloads[i])
-            except Exception as exc:
-                return exc
-
-        # A refusal looks its key up in the ledger: all at once, so the
-        # charges made meanwhile wait one database timeout at most, not one
-        # per refused item (they must settle within sweeper_grace_ms). The
-        # rest need no I/O: decided in turn, without a task each.
-        lookups = [(i, r) for i, r in replied if r[0].decode() in REFUSALS_TO_CHECK_IN_LEDGER]
-        looked_up = await asyncio.gather(*(decide(i, r) for i, r in lookups))
-        decided = {i: charged for (i, _), charged in zip(lookups, looked_up, strict=True)}
-        missing: list[int] = []
-        for i, result in replied:
-            charged = decided[i] if i in decided else await decide(i, result)
-            if isinstance(charged, Exception):
-                answers[i] = _problem_item(charged)
-            elif charged is None:
-                missing.append(i)
-            elif isinstance(charged, Entry):
-                answers[i] = BatchItem(status=201, entry=charged, replayed=True)
-            else:
-                charges[i] = charged
-        return missing
-
-    async def _write_batch(
-        self, payloads: list[EntryPayload], charges: dict[int, Charge], answers: list[BatchItem | None]
+    async def _look_up_refused(
+        self,
+        payloads: list[EntryPayload],
+        refused: list[tuple[int, list[Any]]],
+        answers: list[BatchItem | None],
     ) -> None:
-        """Write every charge through in one group commit, then settle each
-        as a single debit would be."""
+        """Answer refused items: as the ledger's holder of their key, when it
+        has one (Redis lost the record of a charged request), else with the
+        refusal. One query for the whole batch."""
+        if not refused:
+            return
+        try:
+            async with self.pool.acquire(timeout=self._database_timeout_s) as conn:
+                holders = await ledger_repo.entries_by_wallet_keys(
+                    conn,
+                    [payloads[i].wallet_id for i, _ in refused],
+                    [payloads[i].idempotency_key for i, _ in refused],
+                )
+        except STORAGE_ERRORS as exc:
+            for i, _ in refused:
+                answers[i] = _problem_item(exc)  # refused, nothing charged: a retry decides again
+            return
+        for i, result in refused:
+            payload = payloads[i]
+            holder = holders.get((payload.wallet_id, payload.idempotency_key))
+            try:
+                if holder is not None:
+                    answers[i] = BatchItem(
+                        status=201, entry=await self._answer_as_holder(holder, payload), replayed=True
+                    )
+                else:
+                    self._refusal(result[0].decode(), result, payload)
+            except Exception as exc:
+                answers[i] = _problem_item(exc)
+
+    async def _submit_batch(
+        self, charges: dict[int, Charge], answers: list[BatchItem | None]
+    ) -> _Group | None:
+        """Start the group commit of a round's charges. If the ledger's queue
+        is full, undo them all (at once) and answer each 503."""
         items = list(charges.items())
         for _, charge in items:
             self._charges[charge.entry.id] = charge
@@ -472,18 +513,24 @@ class Wallets:
         except QueueFull as exc:
             for i, charge in items:
                 self._charges.pop(charge.entry.id, None)
-                await self._compensate(charge)
                 answers[i] = _problem_item(
                     Unavailable(f"the ledger is overloaded; nothing was charged ({exc})")
                 )
-            return
+            await asyncio.gather(*(self._compensate(charge) for _, charge in items))
+            return None
+        deadline = asyncio.get_running_loop().time() + self._commit_timeout_s
+        return _Group(items, futures, deadline)
 
-        # The group commits in one statement: one wait for all of it, up to
-        # commit_timeout_ms. A committed item is answered here, without a
-        # task; any other settles as a single debit would, with no more wait.
-        await _all_done(futures, self._commit_timeout_s)
+    async def _settle_group(
+        self, group: _Group, payloads: list[EntryPayload], answers: list[BatchItem | None]
+    ) -> None:
+        """The group commits in one statement: one wait for all of it, until
+        commit_timeout_ms after it was submitted. A committed item is
+        answered here, without a task; any other settles as a single debit
+        would, with no more wait."""
+        await _all_done(group.futures, max(group.deadline - asyncio.get_running_loop().time(), 0))
         others: list[tuple[int, Charge, asyncio.Future[object]]] = []
-        for (i, charge), future in zip(items, futures, strict=True):
+        for (i, charge), future in zip(group.items, group.futures, strict=True):
             if future.done() and not future.cancelled() and future.exception() is None:
                 outcome = future.result()
                 if isinstance(outcome, Committed):
@@ -755,6 +802,10 @@ class Wallets:
             retry_s=UNDO_RETRY_S_MAX,
         )
 
+    def abandon_in_background(self, wallet_id: uuid.UUID, idempotency_key: str, entry_id: uuid.UUID) -> None:
+        """Hand a charge whose script call failed (it may have run) to the sweeper, bounded."""
+        self._spawn(self._abandon_later(wallet_id, idempotency_key, entry_id, None))
+
     async def _abandon_later(
         self, wallet_id: uuid.UUID, idempotency_key: str, entry_id: uuid.UUID, outbox_id: str | None
     ) -> None:
@@ -881,7 +932,10 @@ def _wallet(row: repo.WalletRow, balance_micros: int, held_micros: int) -> Walle
         currency=row.currency,
         balance_micros=balance_micros,
         held_micros=held_micros,
-        available_micros=balance_micros - held_micros + row.overdraft_limit_micros,
+        # A frozen wallet can take no debit or hold.
+        available_micros=0
+        if row.status != "active"
+        else balance_micros - held_micros + row.overdraft_limit_micros,
         overdraft_limit_micros=row.overdraft_limit_micros,
         status=row.status,  # type: ignore[arg-type]
         created_at=row.created_at,

@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 import asyncpg
 import msgspec
+import redis.exceptions
 
 from centime.settings import Settings
 from ledger import repo as ledger_repo
@@ -89,6 +90,15 @@ async def sweep_once(
 ) -> SweepReport:
     """One bounded pass over every partition."""
     report = SweepReport()
+    # Expiry first, on its own: it needs Redis only, and an outage of
+    # Postgres (which fails the rest of the pass) must not keep overdue holds
+    # holding money.
+    try:
+        report.holds_expired = await expire_due(
+            cache, now_ms=await cache.server_time_ms(), budget=settings.sweeper_batch_max
+        )
+    except redis.exceptions.RedisError as exc:
+        log.warning("sweeper: holds not expired this pass: %r", exc)
     timeout_s = settings.database_timeout_ms / 1000
     grace_ms = settings.sweeper_grace_ms if grace_ms is None else grace_ms
     cutoff_ms = await cache.server_time_ms() - grace_ms
@@ -125,10 +135,8 @@ async def sweep_once(
     if loop.time() <= deadline:
         report.changes_applied = await drain_changes(pool, cache, wallets_max=budget, timeout_s=timeout_s)
     if loop.time() <= deadline:
-        now_ms = await cache.server_time_ms()
-        report.holds_expired = await expire_due(cache, now_ms=now_ms, budget=budget)
         report.hold_events_recorded = await drain_events(
-            pool, cache, before_ms=now_ms, budget=budget, timeout_s=timeout_s
+            pool, cache, before_ms=cutoff_ms + grace_ms, budget=budget, timeout_s=timeout_s
         )
     return report
 

@@ -113,3 +113,14 @@ SELECT e.id, e.kind, e.currency, e.wallet_id, e.amount_micros, e.balance_micros,
  WHERE e.id > $2::uuid AND e.kind IN ('debit', 'credit') AND e.created_at >= $1
  ORDER BY e.id
  LIMIT $3
+
+-- name: entries_by_wallet_keys
+-- The debits and credits that hold these (wallet, API idempotency key)
+-- pairs ($1[i], $2[i]), with their reversals: a batch's refused items, at once.
+SELECT e.id, e.kind, e.currency, e.wallet_id, e.amount_micros, e.balance_micros,
+       e.idempotency_key, e.request_hash, e.reverses_entry_id, e.description,
+       e.metadata::text AS metadata, e.created_at, e.stripe_object_id, r.id AS reversed_by
+  FROM unnest($1::uuid[], $2::text[]) AS k (wallet_id, idempotency_key)
+  JOIN journal_entries e
+    ON e.wallet_id = k.wallet_id AND e.idempotency_key = k.idempotency_key AND e.kind IN ('debit', 'credit')
+  LEFT JOIN journal_entries r ON r.reverses_entry_id = e.id

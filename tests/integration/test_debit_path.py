@@ -332,3 +332,45 @@ async def test_rebuild_cache_corrects_a_stale_record_of_a_reversed_entry(harness
     assert stored[b"st"] == b"reversed" and stored[b"x"] == b""
     with pytest.raises(IdempotencyKeyReversed):
         await debit(good, wallet_id, "stale")
+
+
+async def test_a_batch_commits_its_charges_before_its_slow_lookups(harness: Harness) -> None:
+    """A refused item's ledger lookup waits here for a pool held by others.
+    The charged item's commit must not wait with it: a sweeper with a short
+    grace, meanwhile, finds nothing to reverse, and the 201 stands."""
+    from wallet.schemas import BatchDebit, CreateBatch
+
+    wallets, writer = harness.wallets()
+    sweeper_pool = await asyncpg.create_pool(harness.database_url, min_size=1, max_size=2)
+    try:
+        rich = await funded_wallet(wallets, 10_000)
+        poor = await funded_wallet(wallets, 10)
+        held = [await harness.pool.acquire() for _ in range(4)]  # the whole pool, for a while
+
+        async def release_later() -> None:
+            await asyncio.sleep(1.0)
+            for conn in held:
+                await harness.pool.release(conn)
+
+        async def sweep_meanwhile() -> object:
+            await asyncio.sleep(0.5)
+            return await sweep_once(sweeper_pool, harness.cache, harness.settings, grace_ms=100)
+
+        batch = CreateBatch(
+            debits=[
+                BatchDebit(wallet_id=rich, amount_micros=1_000, idempotency_key="a"),
+                BatchDebit(wallet_id=poor, amount_micros=1_000, idempotency_key="b"),
+            ]
+        )
+        results, _, swept = await asyncio.gather(
+            wallets.post_batch(batch, idempotency_key=secrets.token_hex(8)),
+            release_later(),
+            sweep_meanwhile(),
+        )
+        assert [r.status for r in results] == [201, 402], results
+        assert swept.settled == 0, swept  # type: ignore[attr-defined]
+        assert await kinds(harness, rich) == ["credit", "debit"]
+        assert await ledger_balance(harness, rich) == await redis_balance(harness, rich) == 9_000
+    finally:
+        await writer.stop()
+        await sweeper_pool.close()

@@ -491,8 +491,9 @@ async def test_a_capture_debits_the_cost_releases_the_hold_and_writes_an_ordinar
     epoch = (await wallet_fields(cache, wallet_id))["e"]
     before_ms = await cache.server_time_ms()
     taken = await capture(cache, held, 300)
-    status, captured, after, outbox_id, currency, charged_epoch, event_id = taken.reply
+    status, captured, after, outbox_id, currency, charged_epoch, event_id, ended_ms = taken.reply
     assert (status, captured, after, currency, charged_epoch) == ("ok", "300", "700", "usd", epoch)
+    assert int(ended_ms) >= before_ms
     assert await balance_and_held(cache, wallet_id) == (700, 0)
 
     # The charge is the debit path's: an outbox entry and an idempotency record keyed hold:<id>.
@@ -669,7 +670,7 @@ async def test_a_capture_with_nothing_capturable_captures_zero_and_writes_no_ent
         1,
     )
     taken = await capture(cache, held, 500)
-    status, captured, after, outbox_id, currency, _epoch, event_id = taken.reply
+    status, captured, after, outbox_id, currency, _epoch, event_id, _ended_ms = taken.reply
     assert (status, captured, after, outbox_id, currency) == ("ok", "0", "", "", "usd")
     assert await balance_and_held(cache, wallet_id) == (-1_000, 0)  # the hold is released all the same
     assert await outbox(cache, wallet_id) == []

@@ -15,7 +15,7 @@
 -- ARGV[7] idempotency ttl_s   ARGV[8] largest amount (2^53 - 1)
 --
 -- Returns one of:
---   {'ok', captured, balance_after, outbox_id, currency, epoch, event id}
+--   {'ok', captured, balance_after, outbox_id, currency, epoch, event id, ended at ms}
 --        captured now; outbox_id '' when nothing could be captured (no entry)
 --   {'replay', captured, requested, entry id, state, payload, balance_after, currency}
 --        captured before with this amount; state: ok | in_progress | reversed
@@ -111,4 +111,4 @@ redis.call('EXPIRE', KEYS[1], math.max(redis.call('TTL', KEYS[1]), tonumber(ARGV
 redis.call('ZREM', KEYS[6], ARGV[1] .. ':' .. ARGV[2])
 local event_id = redis.call('XADD', KEYS[7], '*', 'd', hold[5], 'k', 'captured', 'x', hold[4], 't', ended_ms,
     'c', wallet[4], 'r', ARGV[3], 'a', captured_text, 'n', entry_id)
-return {'ok', captured_text, after_text, outbox_id, wallet[4], wallet[5], event_id}
+return {'ok', captured_text, after_text, outbox_id, wallet[4], wallet[5], event_id, ended_ms}

@@ -39,6 +39,9 @@ if not amount or amount > tonumber(ARGV[8]) or not expires_in_s
     or not string.match(ARGV[6], '^[1-9]%d*$') then
     return redis.error_reply('hold: bad amount, expiry or ttl')
 end
+if redis.call('EXISTS', KEYS[3]) == 1 then
+    return redis.error_reply('hold: the hold id is taken')  -- never overwrite another hold
+end
 local wallet = redis.call('HMGET', KEYS[1], 'b', 'o', 's', 'c', 'e', 'h')
 if not (wallet[1] and wallet[2] and wallet[3] and wallet[4] and wallet[5]) then
     return {'missing'}

@@ -95,10 +95,11 @@ SELECT e.hold_id, e.kind, e.wallet_id, e.currency, e.amount_micros, e.requested_
 ON CONFLICT DO NOTHING
 
 -- name: hold_events_of
--- What Postgres recorded of one hold, first event first.
+-- What Postgres recorded of one hold: held first, then its end (by kind, not
+-- by time: the Redis clock that stamped them may have stepped back).
 SELECT hold_id, kind, wallet_id, currency, amount_micros, requested_micros, captured_micros, entry_id,
        expires_at, idempotency_key, description, metadata::text AS metadata, occurred_at
   FROM hold_events
  WHERE hold_id = $1
- ORDER BY occurred_at, kind = 'held' DESC
+ ORDER BY kind <> 'held', occurred_at
  LIMIT 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import gc
 import glob
 import json
 import os
@@ -297,6 +298,10 @@ async def ledger_writer(
         timeout_s=10,
     )
     writer.start()
+    # As `centime serve` does at startup (centime/app.py): what exists now is
+    # long-lived, out of the collector's sight.
+    gc.collect()
+    gc.freeze()
     run = f"ledger-{secrets.token_hex(4)}"
     gate = asyncio.Semaphore(LEDGER_IN_FLIGHT_MAX)
     written: list[EntryRecord] = []
@@ -305,11 +310,15 @@ async def ledger_writer(
     loop = asyncio.get_running_loop()
     started = loop.time()
     deadline = started + seconds
-    futures: list[asyncio.Future[object]] = []
+    # Only the futures still pending are kept (a server keeps none): a list of
+    # every future of the run would have the collector walk hundreds of
+    # thousands of them, a cost of this harness, not of the writer.
+    pending: set[asyncio.Future[object]] = set()
     n = 0
 
     def settled(entry: EntryRecord, submitted: float, future: asyncio.Future[object]) -> None:
         nonlocal failed
+        pending.discard(future)
         gate.release()
         if not future.cancelled() and future.exception() is None and isinstance(future.result(), Committed):
             written.append(entry)
@@ -325,8 +334,8 @@ async def ledger_writer(
             future = writer.submit(entry)
             submitted = loop.time()
             future.add_done_callback(lambda f, e=entry, t=submitted: settled(e, t, f))
-            futures.append(future)
-        await asyncio.gather(*futures, return_exceptions=True)
+            pending.add(future)
+        await asyncio.gather(*pending, return_exceptions=True)
     finally:
         await writer.stop()
     elapsed = loop.time() - started

@@ -336,6 +336,22 @@ class Cache:
             entry_id=uuid.UUID(n.decode()) if n else None,
         )
 
+    async def partitions_with_holds_due(self, now_ms: int) -> list[int]:
+        """The partitions with a hold whose time has come: one round trip."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for p in range(self.partition_count):
+                pipe.zcount(self.hold_expiry_key(p), "-inf", now_ms)
+            counts = await pipe.execute()
+        return [p for p, count in enumerate(counts) if count]
+
+    async def partitions_with_hold_events(self) -> list[int]:
+        """The partitions with hold events waiting to be recorded: one round trip."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for p in range(self.partition_count):
+                pipe.xlen(self.hold_events_key(p))
+            lengths = await pipe.execute()
+        return [p for p, length in enumerate(lengths) if length]
+
     async def due_holds(
         self, partition: int, *, now_ms: int, count: int
     ) -> list[tuple[uuid.UUID, uuid.UUID]]:

@@ -165,7 +165,7 @@ async def drain_events(
     """Record the events no request recorded (it died, or Postgres was down):
     those older than `before_ms`, at most `budget` in all."""
     recorded = 0
-    for partition in range(cache.partition_count):
+    for partition in await cache.partitions_with_hold_events():
         if recorded >= budget:
             break
         count = min(budget - recorded, HOLD_EVENTS_BATCH_MAX)
@@ -178,7 +178,7 @@ async def drain_events(
 async def expire_due(cache: Cache, *, now_ms: int, budget: int) -> int:
     """End the holds whose time has come, at most `budget`; each once (end_hold.lua)."""
     expired = 0
-    for partition in range(cache.partition_count):
+    for partition in await cache.partitions_with_holds_due(now_ms):
         if expired >= budget:
             break
         for hold_id, wallet_id in await cache.due_holds(partition, now_ms=now_ms, count=budget - expired):

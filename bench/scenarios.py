@@ -170,8 +170,10 @@ async def redis_ceiling(redis_url: str, seconds: int) -> Load:
     REDIS_CEILING_WALLETS wallets, each call with its own idempotency key.
 
     redis-benchmark replaces each `__rand_int__` with its own random number
-    below -r, so the idempotency key, made of three of them, is new at each
-    call (10^12 choices) while the wallet key names one of the seeded wallets."""
+    below -r, so the idempotency key, made of five of them, is new at each
+    call (10^20 choices: at a million calls a repeat has odds of about 1 in
+    10^8; with three, 10^12 choices, a million calls repeated one about half
+    the time) while the wallet key names one of the seeded wallets."""
     client = redis.Redis.from_url(redis_url)
     try:
         prefix = "ceiling:{p0}"
@@ -204,7 +206,7 @@ async def redis_ceiling(redis_url: str, seconds: int) -> Load:
             f"{prefix}:outbox",
             f"{prefix}:abandoned",
             f"{prefix}:w:__rand_int__",
-            f"{prefix}:i:__rand_int__:__rand_int__:__rand_int__",
+            f"{prefix}:i:__rand_int__:__rand_int__:__rand_int__:__rand_int__:__rand_int__",
             "3600",
             str(2**53 - 1),
             "debit",

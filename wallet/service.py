@@ -686,20 +686,7 @@ class Wallets:
         asyncio.wait_for(asyncio.shield(...)) does, without its two extra
         futures and a task switch per debit.)"""
         if not future.done():
-            loop = asyncio.get_running_loop()
-            waiter: asyncio.Future[None] = loop.create_future()
-
-            def wake(_: object = None) -> None:
-                if not waiter.done():
-                    waiter.set_result(None)
-
-            future.add_done_callback(wake)
-            timer = loop.call_later(wait_s, wake)
-            try:
-                await waiter
-            finally:
-                timer.cancel()
-                future.remove_done_callback(wake)
+            await _all_done((future,), wait_s)
             if not future.done():
                 return _COMMIT_LATE
         return future.result()

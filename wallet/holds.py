@@ -86,6 +86,17 @@ def hold_from_state(hold_id: uuid.UUID, state: HoldState) -> Hold:
     )
 
 
+def capture_answer(hold: Hold, entry: Entry | None, requested_micros: int, captured_micros: int) -> Capture:
+    """A capture's answer; the shortfall is what the wallet's limit did not allow."""
+    return Capture(
+        hold=hold,
+        entry=entry,
+        requested_micros=requested_micros,
+        captured_micros=captured_micros,
+        shortfall_micros=requested_micros - captured_micros,
+    )
+
+
 def hold_from_events(rows: list[repo.HoldEventRow]) -> Hold:
     """A hold rebuilt from what Postgres recorded (after Redis let it go)."""
     first, last = rows[0], rows[-1]
@@ -262,11 +273,15 @@ class Holds:
         state = await self.cache.hold_state(hold_id)
         if state is not None:
             return hold_from_state(hold_id, state)
+        return hold_from_events(await self._recorded(hold_id))
+
+    async def _recorded(self, hold_id: uuid.UUID) -> list[repo.HoldEventRow]:
+        """What Postgres recorded of a hold Redis let go; HoldNotFound if nothing."""
         async with self.pool.acquire(timeout=self._timeout_s) as conn:
             rows = await repo.hold_events_of(conn, hold_id)
         if not rows:
             raise HoldNotFound(f"no hold {hold_id}")
-        return hold_from_events(rows)
+        return rows
 
     async def release(self, hold_id: uuid.UUID) -> Hold:
         """Release a held hold. Releasing one that was released or expired
@@ -374,13 +389,7 @@ class Holds:
             captured_micros=captured,
             entry_id=payload.id if captured > 0 else None,
         )
-        return Capture(
-            hold=hold_from_state(hold_id, ended),
-            entry=entry,
-            requested_micros=requested_micros,
-            captured_micros=captured,
-            shortfall_micros=requested_micros - captured,
-        )
+        return capture_answer(hold_from_state(hold_id, ended), entry, requested_micros, captured)
 
     async def _replayed(self, hold_id: uuid.UUID, result: list) -> Capture:
         captured, requested = int(result[1]), int(result[2])
@@ -399,21 +408,12 @@ class Holds:
             )
         elif state == "gone":
             entry = await self._capture_entry(hold_id, uuid.UUID(result[3].decode()))
-        return Capture(
-            hold=await self.get_hold(hold_id),
-            entry=entry,
-            requested_micros=requested,
-            captured_micros=captured,
-            shortfall_micros=requested - captured,
-        )
+        return capture_answer(await self.get_hold(hold_id), entry, requested, captured)
 
     async def _replayed_from_postgres(self, hold_id: uuid.UUID, requested_micros: int) -> Capture:
         """Redis let the hold go (its idempotency TTL after it ended, or lost):
         answer as Postgres recorded it, as a replay does while Redis keeps it."""
-        async with self.pool.acquire(timeout=self._timeout_s) as conn:
-            rows = await repo.hold_events_of(conn, hold_id)
-        if not rows:
-            raise HoldNotFound(f"no hold {hold_id}")
+        rows = await self._recorded(hold_id)
         hold, last = hold_from_events(rows), rows[-1]
         if last.kind != "captured":
             raise HoldEnded(
@@ -421,14 +421,8 @@ class Holds:
             )
         if last.requested_micros != requested_micros:
             raise IdempotencyConflict(f"hold {hold_id} was captured with another amount")
-        captured = last.captured_micros or 0
-        return Capture(
-            hold=hold,
-            entry=None if last.entry_id is None else await self._capture_entry(hold_id, last.entry_id),
-            requested_micros=requested_micros,
-            captured_micros=captured,
-            shortfall_micros=requested_micros - captured,
-        )
+        entry = None if last.entry_id is None else await self._capture_entry(hold_id, last.entry_id)
+        return capture_answer(hold, entry, requested_micros, last.captured_micros or 0)
 
     async def _capture_entry(self, hold_id: uuid.UUID, entry_id: uuid.UUID) -> Entry:
         """A capture's entry as the ledger holds it; CaptureReversed if it never committed or was reversed."""

@@ -26,7 +26,7 @@ import msgspec
 import redis.exceptions
 
 from centime import metrics
-from centime.errors import InvalidRequest, Unavailable, invariant
+from centime.errors import InvalidRequest, NotFound, Unavailable, invariant
 from centime.money import AMOUNT_MICROS_MAX, is_supported_currency
 from centime.settings import Settings
 from centime.wire import STORAGE_ERRORS, problem_answer
@@ -120,12 +120,16 @@ def request_hash(kind: str, amount_micros: int, description: str | None, metadat
     return hashlib.sha256(body).hexdigest()[:32]
 
 
-def parse_wallet_id(raw: str) -> uuid.UUID:
-    """A path id that is not a UUID names no wallet: 404, like any unknown id."""
+def _parse_id(raw: str, not_found: type[NotFound], noun: str) -> uuid.UUID:
+    """A path id that is not a UUID names nothing: 404, like any unknown id."""
     try:
         return uuid.UUID(raw)
     except ValueError:
-        raise WalletNotFound(f"no wallet {raw!r}") from None
+        raise not_found(f"no {noun} {raw!r}") from None
+
+
+def parse_wallet_id(raw: str) -> uuid.UUID:
+    return _parse_id(raw, WalletNotFound, "wallet")
 
 
 RESERVED_KEY_PREFIX = "hold:"
@@ -141,11 +145,7 @@ def refuse_reserved_key(idempotency_key: str, field: str) -> None:
 
 
 def parse_hold_id(raw: str) -> uuid.UUID:
-    """A path id that is not a UUID names no hold: 404, like any unknown id."""
-    try:
-        return uuid.UUID(raw)
-    except ValueError:
-        raise HoldNotFound(f"no hold {raw!r}") from None
+    return _parse_id(raw, HoldNotFound, "hold")
 
 
 def to_entry(record: EntryRecord) -> Entry:

@@ -6,22 +6,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pwd
 import secrets
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import asyncpg
 import httpx
 import msgspec
 import pytest
 import redis.asyncio as redis
-from conftest import RUN_ID, Keys, auth, free_port
+from conftest import RUN_ID, Keys, auth, delete_prefix, free_port, make_keys
 
+from centime.migrate import migrate
 from centime.settings import Settings
 from wallet.cache import Cache
 
@@ -36,6 +40,121 @@ FAULT_ENV = {
     "CENTIME_COMMIT_TIMEOUT_MS": "500",
     "CENTIME_DATABASE_TIMEOUT_MS": "500",
 }
+
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+needs_cluster = pytest.mark.skipif(
+    not (PG_BIN / "pg_ctl").exists() or os.geteuid() != 0 or shutil.which("runuser") is None,
+    reason="needs root, runuser and the Debian Postgres 15 binaries to run a private cluster",
+)
+
+
+class Cluster(msgspec.Struct):
+    """A Postgres server of a test's own, on a free loopback port, to stop or freeze."""
+
+    root: Path
+    port: int
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    def url(self, database: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def _pg(self, *args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["runuser", "-u", "postgres", "--", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=True,
+        )
+
+    def init(self) -> None:
+        self._pg(str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "--no-sync")
+
+    def start(self) -> None:
+        options = f"-h 127.0.0.1 -p {self.port} -k {self.root} -c max_connections=100"
+        self._pg(
+            str(PG_BIN / "pg_ctl"), "start", "-D", str(self.data), "-l", str(self.root / "log"), "-w",
+            "-t", "30", "-o", options,
+        )  # fmt: skip
+
+    def stop(self, mode: str = "fast") -> None:
+        self._pg(str(PG_BIN / "pg_ctl"), "stop", "-D", str(self.data), "-m", mode, "-w", "-t", "30")
+
+    def processes(self) -> list[int]:
+        """The postmaster and its children (backends, walwriter, ...)."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
+                    children.append(int(stat.parent.name))
+        return [postmaster, *children]
+
+    def freeze(self) -> list[int]:
+        """Postgres hangs (a stalled host, a partition): SIGSTOP every process."""
+        pids = self.processes()
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        return pids
+
+    def thaw(self, pids: list[int]) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+    def log(self) -> str:
+        with contextlib.suppress(OSError):
+            return (self.root / "log").read_text()
+        return ""
+
+
+@contextlib.contextmanager
+def private_cluster() -> Iterator[Cluster]:
+    """A Cluster, initialised and started; stopped and removed after."""
+    root = Path(tempfile.mkdtemp(prefix="centime-pg-"))
+    postgres = pwd.getpwnam("postgres")
+    os.chown(root, postgres.pw_uid, postgres.pw_gid)
+    cluster = Cluster(root, free_port())
+    try:
+        cluster.init()
+        cluster.start()
+        yield cluster
+    finally:
+        with contextlib.suppress(subprocess.SubprocessError):
+            cluster.stop("immediate")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def migrated_database(cluster: Cluster) -> str:
+    """A migrated database `centime` on the cluster; its URL."""
+    conn = await asyncpg.connect(cluster.url("postgres"))
+    try:
+        await conn.execute("CREATE DATABASE centime")
+    finally:
+        await conn.close()
+    database_url = cluster.url("centime")
+    conn = await asyncpg.connect(database_url)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    return database_url
+
+
+@contextlib.asynccontextmanager
+async def stores_of_own(settings: Settings, database_url: str) -> AsyncIterator[tuple[Settings, Keys]]:
+    """Settings on this database with a Redis prefix of their own, and API
+    keys; the prefix's keys are deleted after."""
+    own = msgspec.structs.replace(settings, database_url=database_url, redis_prefix=unique_prefix())
+    try:
+        yield own, await make_keys(database_url)
+    finally:
+        assert own.redis_url is not None
+        await delete_prefix(own.redis_url, own.redis_prefix)
 
 
 def unique_prefix() -> str:

@@ -8,18 +8,12 @@ once, and a retry of the batch with the same keys tells which."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import pwd
 import secrets
-import shutil
 import signal
-import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -30,9 +24,6 @@ from conftest import (
     Keys,
     Server,
     auth,
-    delete_prefix,
-    free_port,
-    make_keys,
     new_wallet,
     run_cli,
     start_server,
@@ -40,16 +31,18 @@ from conftest import (
 )
 from fault_support import (
     FAULT_ENV,
+    Cluster,
     cache_for,
     ledger_balances,
     ledger_debits,
+    migrated_database,
+    needs_cluster,
+    private_cluster,
     redis_balances,
-    unique_prefix,
+    stores_of_own,
     wait_settled,
 )
-from test_postgres_down import PG_BIN, Cluster
 
-from centime.migrate import migrate
 from centime.settings import Settings
 
 pytestmark = pytest.mark.faults
@@ -61,11 +54,6 @@ WAIT_S = 15.0
 LATENCY_BOUND_S = 4.0
 """A batch answers within about one commit timeout plus one database
 timeout (500 ms each here), however many of its items are refused."""
-
-needs_cluster = pytest.mark.skipif(
-    not (PG_BIN / "pg_ctl").exists() or os.geteuid() != 0 or shutil.which("runuser") is None,
-    reason="needs root, runuser and the Debian Postgres 15 binaries to run a private cluster",
-)
 
 
 class Sent(msgspec.Struct):
@@ -127,40 +115,14 @@ async def assert_redis_equals_ledger(settings: Settings, wallet_ids: list[str]) 
 
 @pytest.fixture
 def cluster() -> Iterator[Cluster]:
-    """A Postgres server of the test's own, to stop or freeze (as in test_postgres_down)."""
-    root = Path(tempfile.mkdtemp(prefix="centime-pg-"))
-    postgres = pwd.getpwnam("postgres")
-    os.chown(root, postgres.pw_uid, postgres.pw_gid)
-    own = Cluster(root, free_port())
-    try:
-        own.init()
-        own.start()
+    with private_cluster() as own:
         yield own
-    finally:
-        with contextlib.suppress(subprocess.SubprocessError):
-            own.stop("immediate")
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
 async def own(settings: Settings, cluster: Cluster) -> AsyncIterator[tuple[Settings, Keys]]:
-    conn = await asyncpg.connect(cluster.url("postgres"))
-    try:
-        await conn.execute("CREATE DATABASE centime")
-    finally:
-        await conn.close()
-    database_url = cluster.url("centime")
-    conn = await asyncpg.connect(database_url)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-    own = msgspec.structs.replace(settings, database_url=database_url, redis_prefix=unique_prefix())
-    try:
-        yield own, await make_keys(database_url)
-    finally:
-        assert own.redis_url is not None
-        await delete_prefix(own.redis_url, own.redis_prefix)
+    async with stores_of_own(settings, await migrated_database(cluster)) as own:
+        yield own
 
 
 CHARGED_ITEMS = 30
@@ -259,12 +221,8 @@ KILLED_ITEMS = 24
 
 @pytest.fixture
 async def killable(settings: Settings, private_database: str) -> AsyncIterator[tuple[Settings, Keys]]:
-    mine = msgspec.structs.replace(settings, database_url=private_database, redis_prefix=unique_prefix())
-    try:
-        yield mine, await make_keys(private_database)
-    finally:
-        assert mine.redis_url is not None
-        await delete_prefix(mine.redis_url, mine.redis_prefix)
+    async with stores_of_own(settings, private_database) as own:
+        yield own
 
 
 async def _charged_in_redis(settings: Settings, debits: list[dict[str, Any]]) -> int:

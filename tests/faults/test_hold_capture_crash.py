@@ -26,8 +26,6 @@ from conftest import (
     Keys,
     Server,
     auth,
-    delete_prefix,
-    make_keys,
     new_wallet,
     run_cli,
     settings_env,
@@ -40,7 +38,7 @@ from fault_support import (
     ledger_balances,
     ledger_debits,
     redis_balances,
-    unique_prefix,
+    stores_of_own,
     wait_settled,
 )
 
@@ -89,12 +87,8 @@ CASES = [
 
 @pytest.fixture
 async def own(settings: Settings, private_database: str) -> AsyncIterator[tuple[Settings, Keys]]:
-    mine = msgspec.structs.replace(settings, database_url=private_database, redis_prefix=unique_prefix())
-    try:
-        yield mine, await make_keys(private_database)
-    finally:
-        assert mine.redis_url is not None
-        await delete_prefix(mine.redis_url, mine.redis_prefix)
+    async with stores_of_own(settings, private_database) as own:
+        yield own
 
 
 def key_holder(wallet_id: uuid.UUID, hold_id: str) -> EntryRecord:

@@ -23,8 +23,6 @@ from conftest import (
     Keys,
     Server,
     auth,
-    delete_prefix,
-    make_keys,
     new_wallet,
     run_cli,
     settings_env,
@@ -41,8 +39,8 @@ from fault_support import (
     ledger_debits,
     post_debit,
     redis_balances,
+    stores_of_own,
     summary,
-    unique_prefix,
     unsettled,
     wait_settled,
 )
@@ -61,12 +59,8 @@ KILL_ROUNDS_MAX = 3
 
 @pytest.fixture
 async def own(settings: Settings, private_database: str) -> AsyncIterator[tuple[Settings, Keys]]:
-    own = msgspec.structs.replace(settings, database_url=private_database, redis_prefix=unique_prefix())
-    try:
-        yield own, await make_keys(private_database)
-    finally:
-        assert own.redis_url is not None
-        await delete_prefix(own.redis_url, own.redis_prefix)
+    async with stores_of_own(settings, private_database) as own:
+        yield own
 
 
 async def _load_then_kill(

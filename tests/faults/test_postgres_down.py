@@ -8,26 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import pwd
-import shutil
-import signal
-import subprocess
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
-import asyncpg
 import httpx
 import msgspec
 import pytest
 from conftest import (
     Keys,
     Server,
-    delete_prefix,
-    free_port,
-    make_keys,
     new_wallet,
     run_cli,
     start_server,
@@ -35,31 +24,27 @@ from conftest import (
 )
 from fault_support import (
     AMOUNT_MICROS,
+    Cluster,
     classify,
     debit_load,
     ledger_balances,
     ledger_debits,
+    migrated_database,
+    needs_cluster,
     post_debit,
+    private_cluster,
     redis_balances,
+    stores_of_own,
     summary,
-    unique_prefix,
     wait_settled,
 )
 from fault_support import (
     FAULT_ENV as SHARED_FAULT_ENV,
 )
 
-from centime.migrate import migrate
 from centime.settings import Settings
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
-pytestmark = [
-    pytest.mark.faults,
-    pytest.mark.skipif(
-        not (PG_BIN / "pg_ctl").exists() or os.geteuid() != 0 or shutil.which("runuser") is None,
-        reason="needs root, runuser and the Debian Postgres 15 binaries to run a private cluster",
-    ),
-]
+pytestmark = [pytest.mark.faults, needs_cluster]
 FAULT_ENV = {
     **SHARED_FAULT_ENV,
     # Shorter than the outage, so requests look their API key up while
@@ -74,104 +59,16 @@ LATENCY_BOUND_S = 10.0
 RETRIES_OF_REFUNDED = 30
 
 
-class Cluster(msgspec.Struct):
-    """A Postgres server of this test's own, on a free loopback port."""
-
-    root: Path
-    port: int
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
-
-    def url(self, database: str) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
-
-    def _pg(self, *args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["runuser", "-u", "postgres", "--", *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            check=True,
-        )
-
-    def init(self) -> None:
-        self._pg(str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "--no-sync")
-
-    def start(self) -> None:
-        options = f"-h 127.0.0.1 -p {self.port} -k {self.root} -c max_connections=100"
-        self._pg(
-            str(PG_BIN / "pg_ctl"), "start", "-D", str(self.data), "-l", str(self.root / "log"), "-w",
-            "-t", "30", "-o", options,
-        )  # fmt: skip
-
-    def stop(self, mode: str = "fast") -> None:
-        self._pg(str(PG_BIN / "pg_ctl"), "stop", "-D", str(self.data), "-m", mode, "-w", "-t", "30")
-
-    def processes(self) -> list[int]:
-        """The postmaster and its children (backends, walwriter, ...)."""
-        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
-        children = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
-                    children.append(int(stat.parent.name))
-        return [postmaster, *children]
-
-    def freeze(self) -> list[int]:
-        """Postgres hangs (a stalled host, a partition): SIGSTOP every process."""
-        pids = self.processes()
-        for pid in pids:
-            os.kill(pid, signal.SIGSTOP)
-        return pids
-
-    def thaw(self, pids: list[int]) -> None:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-
-    def log(self) -> str:
-        with contextlib.suppress(OSError):
-            return (self.root / "log").read_text()
-        return ""
-
-
 @pytest.fixture
 def cluster() -> Iterator[Cluster]:
-    root = Path(tempfile.mkdtemp(prefix="centime-pg-"))
-    postgres = pwd.getpwnam("postgres")
-    os.chown(root, postgres.pw_uid, postgres.pw_gid)
-    own = Cluster(root, free_port())
-    try:
-        own.init()
-        own.start()
+    with private_cluster() as own:
         yield own
-    finally:
-        with contextlib.suppress(subprocess.SubprocessError):
-            own.stop("immediate")
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
 async def own(settings: Settings, cluster: Cluster) -> AsyncIterator[tuple[Settings, Keys]]:
-    conn = await asyncpg.connect(cluster.url("postgres"))
-    try:
-        await conn.execute("CREATE DATABASE centime")
-    finally:
-        await conn.close()
-    database_url = cluster.url("centime")
-    conn = await asyncpg.connect(database_url)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-    own = msgspec.structs.replace(settings, database_url=database_url, redis_prefix=unique_prefix())
-    try:
-        yield own, await make_keys(database_url)
-    finally:
-        assert own.redis_url is not None
-        await delete_prefix(own.redis_url, own.redis_prefix)
+    async with stores_of_own(settings, await migrated_database(cluster)) as own:
+        yield own
 
 
 async def _wait_ready(server: Server, timeout_s: float) -> float:

@@ -9,6 +9,7 @@ from datetime import datetime
 import asyncpg
 import msgspec
 
+from centime.errors import invariant
 from centime.sql import load_queries
 from ledger.accounts import SYSTEM_ACCOUNT_KINDS, system_account_id
 from ledger.ids import uuid7_floor
@@ -17,6 +18,7 @@ from ledger.schemas import EntryRecord, KeyHolder
 Q = load_queries("ledger")
 _metadata_encoder = msgspec.json.Encoder(order="sorted")
 _metadata_decoder = msgspec.json.Decoder(dict[str, str])
+_entries_encoder = msgspec.json.Encoder()
 
 
 async def insert_entries(
@@ -24,40 +26,10 @@ async def insert_entries(
 ) -> set[uuid.UUID]:
     """Write entries with their lines, skipping any already present by id or
     by (wallet, idempotency key). Returns the ids written by this call."""
-    line_entry_ids: list[uuid.UUID] = []
-    line_numbers: list[int] = []
-    line_accounts: list[uuid.UUID] = []
-    line_currencies: list[str] = []
-    line_amounts: list[int] = []
     for entry in entries:
-        for number, line in enumerate(entry.lines):
-            line_entry_ids.append(entry.id)
-            line_numbers.append(number)
-            line_accounts.append(line.account_id)
-            line_currencies.append(entry.currency)
-            line_amounts.append(line.amount_micros)
-    rows = await conn.fetch(
-        Q["insert_entries"],
-        [e.id for e in entries],
-        [e.kind for e in entries],
-        [e.currency for e in entries],
-        [e.wallet_id for e in entries],
-        [e.amount_micros for e in entries],
-        [e.balance_micros for e in entries],
-        [e.idempotency_key for e in entries],
-        [e.request_hash for e in entries],
-        [e.reverses_entry_id for e in entries],
-        [e.description for e in entries],
-        [_metadata_encoder.encode(e.metadata).decode() for e in entries],
-        [e.created_at for e in entries],
-        line_entry_ids,
-        line_numbers,
-        line_accounts,
-        line_currencies,
-        line_amounts,
-        [e.stripe_object_id for e in entries],
-        timeout=timeout_s,
-    )
+        # A time without a zone would be read in the session's zone.
+        invariant(entry.created_at.tzinfo is not None, f"entry {entry.id} has a created_at without a zone")
+    rows = await conn.fetch(Q["insert_entries"], _entries_encoder.encode(entries).decode(), timeout=timeout_s)
     return {row["id"] for row in rows}
 
 

@@ -4,7 +4,9 @@
 -- Writes entries and their lines in one statement: the balance trigger checks
 -- each entry when the statement ends, so both must be in it. An entry already
 -- present (same id, or same wallet and idempotency key) is skipped with its
--- lines; RETURNING names the entries this statement wrote.
+-- lines; RETURNING names the entries this statement wrote. ledger/repo.py
+-- first runs it without the clause skip_known_entries (cheaper when every
+-- entry is new), and with it when that meets a known entry.
 -- $1: the entries as one JSON array (ledger.schemas.EntryRecord, as msgspec
 -- encodes it): one parameter that Postgres parses, instead of eighteen arrays
 -- that the client encodes element by element (docs/performance.md).
@@ -38,6 +40,9 @@ WITH e AS MATERIALIZED (
      WHERE e.id IN (SELECT id FROM written)
 )
 SELECT id FROM written
+
+-- name: skip_known_entries
+ON CONFLICT DO NOTHING
 
 -- name: ensure_system_accounts
 -- Creates the system accounts of a currency if missing. $1: ids, $2: kinds.

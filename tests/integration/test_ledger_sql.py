@@ -549,6 +549,25 @@ async def test_insert_entries_skips_a_duplicate_key_within_one_batch(conn: async
     assert await ledger_repo.lines_total(conn) == (0, 2)
 
 
+async def test_insert_entries_in_a_transaction_skips_known_entries_and_keeps_it_usable(
+    conn: asyncpg.Connection,
+) -> None:
+    # Outside a transaction a batch is tried plainly first and again on a
+    # unique violation; inside one, that failure would abort the caller's
+    # transaction, so only the skipping form may run there.
+    wallet_id = await make_wallet(conn)
+    first = debit(wallet_id, 100, key="k1")
+    async with conn.transaction():
+        assert await ledger_repo.insert_entries(conn, [first], timeout_s=TIMEOUT_S) == {first.id}
+        same_key, fresh = debit(wallet_id, 7, key="k1"), debit(wallet_id, 5, key="k2")
+        written = await ledger_repo.insert_entries(conn, [first, same_key, fresh], timeout_s=TIMEOUT_S)
+        assert written == {fresh.id}
+        assert (
+            await conn.fetchval("SELECT count(*) FROM journal_entries WHERE wallet_id = $1", wallet_id) == 2
+        )
+    assert await ledger_repo.account_balance(conn, wallet_id) == -105
+
+
 async def test_insert_entries_round_trips_every_field(conn: asyncpg.Connection) -> None:
     wallet_id = await make_wallet(conn)
     entry = debit(wallet_id, 1234, key="k")

@@ -206,7 +206,7 @@ async def redis_ceiling(redis_url: str, seconds: int) -> Load:
             f"{prefix}:outbox",
             f"{prefix}:abandoned",
             f"{prefix}:w:__rand_int__",
-            f"{prefix}:i:__rand_int__:__rand_int__:__rand_int__:__rand_int__:__rand_int__",
+            f"{prefix}:i:RUN:__rand_int__:__rand_int__:__rand_int__:__rand_int__:__rand_int__",
             "3600",
             str(2**53 - 1),
             "debit",
@@ -216,9 +216,13 @@ async def redis_ceiling(redis_url: str, seconds: int) -> Load:
             payload,
         ]
 
-        def run(requests: int) -> Load:
+        def run(requests: int, tag: str) -> Load:
+            # redis-benchmark may draw the same random numbers in each run
+            # (seen with 7.0: the second run replayed the first's 20,000
+            # keys), so each run's keys carry a tag of their own.
             args = ["redis-benchmark", "-h", host, "-p", port, "-c", str(REDIS_CEILING_CONNECTIONS)]
-            args += ["-n", str(requests), "-r", str(REDIS_CEILING_WALLETS), "--csv", *command]
+            args += ["-n", str(requests), "-r", str(REDIS_CEILING_WALLETS), "--csv"]
+            args += [part.replace(":RUN:", f":{tag}:") for part in command]
             done = subprocess.run(args, capture_output=True, text=True, timeout=seconds * 4 + 120)
             if done.returncode != 0:
                 raise SystemExit(f"bench: redis-benchmark failed: {done.stderr.strip()[-500:]}")
@@ -236,9 +240,9 @@ async def redis_ceiling(redis_url: str, seconds: int) -> Load:
                 max_ms=max_ms,
             )
 
-        probe = await asyncio.to_thread(run, 20_000)
+        probe = await asyncio.to_thread(run, 20_000, "probe")
         requests = int(min(max(probe.rps * seconds, 20_000), REDIS_CEILING_REQUESTS_MAX))
-        load = await asyncio.to_thread(run, requests)
+        load = await asyncio.to_thread(run, requests, "run")
         charged = await client.xlen(f"{prefix}:outbox")
         if charged != probe.requests + load.requests:
             raise SystemExit(

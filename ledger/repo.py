@@ -17,7 +17,6 @@ from ledger.ids import uuid7_floor
 from ledger.schemas import EntryRecord, KeyHolder
 
 Q = load_queries("ledger")
-_metadata_encoder = msgspec.json.Encoder(order="sorted")
 _metadata_decoder = msgspec.json.Decoder(dict[str, str])
 _entries_encoder = msgspec.json.Encoder()
 _INSERT_SKIPPING_KNOWN = Q["insert_entries"]

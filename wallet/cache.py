@@ -6,7 +6,6 @@ The partition is a stable hash of the wallet id over a fixed count."""
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import uuid
 import zlib
@@ -148,6 +147,8 @@ class Cache:
         }
         self._tick_apply = Script(texts["apply"])
         self._tick_settle = Script(texts["settle_committed"])
+        # Key prefixes of each partition, formatted once: the debit path names several keys per call.
+        self._tags = [f"{prefix}:{{p{partition}}}" for partition in range(partition_count)]
 
     # Keys ----------------------------------------------------------------
 
@@ -159,13 +160,13 @@ class Cache:
         return int.from_bytes(hold_id.bytes[12:], "big") % self.partition_count
 
     def _tag(self, partition: int) -> str:
-        return f"{self.prefix}:{{p{partition}}}"
+        return self._tags[partition]
 
     def wallet_key(self, wallet_id: uuid.UUID) -> str:
-        return f"{self._tag(self.partition(wallet_id))}:w:{wallet_id}"
+        return f"{self._tags[self.partition(wallet_id)]}:w:{wallet_id}"
 
     def idempotency_key(self, wallet_id: uuid.UUID, key: str) -> str:
-        return f"{self._tag(self.partition(wallet_id))}:i:{wallet_id}:{key}"
+        return f"{self._tags[self.partition(wallet_id)]}:i:{wallet_id}:{key}"
 
     def outbox_key(self, partition: int) -> str:
         return f"{self._tag(partition)}:outbox"
@@ -222,15 +223,15 @@ class Cache:
         """Debit or credit wallets of one partition in one script call; a
         reply per item (apply.lua)."""
         keys = [self.outbox_key(partition), self.abandoned_key(partition)]
+        tag = self._tags[partition]
         args: list[Any] = [ttl_s, AMOUNT_MICROS_MAX]
         for item in items:
             invariant(
                 self.partition(item.wallet_id) == partition, f"wallet {item.wallet_id} not in {partition}"
             )
-            keys += [
-                self.wallet_key(item.wallet_id),
-                self.idempotency_key(item.wallet_id, item.idempotency_key),
-            ]
+            # wallet_key and idempotency_key, with the partition and the wallet id formatted once
+            wallet = str(item.wallet_id)
+            keys += [f"{tag}:w:{wallet}", f"{tag}:i:{wallet}:{item.idempotency_key}"]
             args += [item.kind, str(item.amount_micros), item.request_hash, str(item.entry_id), item.payload]
         if self.tick is not None:
             return await self.tick.evalsha(self._tick_apply, keys, args)
@@ -417,9 +418,7 @@ class Cache:
                 args += [item.outbox_id, str(item.entry_id), str(item.credit_micros), item.epoch]
             calls.append((keys, args))
         if self.tick is not None:
-            tick = self.tick
-            # Issued in one tick: one write, one round trip.
-            replies = await asyncio.gather(*(tick.evalsha(self._tick_settle, k, a) for k, a in calls))
+            replies = await self.tick.evalsha_many(self._tick_settle, calls)
         else:
             script = self._scripts["settle_committed"]
             async with self.client.pipeline(transaction=False) as pipe:

@@ -111,26 +111,24 @@ class _Connection(asyncio.Protocol):
             raise RedisConnectionError(
                 f"Redis at {self.where} has too many pending commands ({PENDING_COMMANDS_MAX})"
             )
+        # Encoded whole before it joins the buffer: a half-encoded command never reaches the socket.
+        parts = [b"*%d\r\n" % len(args)]
+        append = parts.append
+        for arg in args:
+            kind = type(arg)
+            if kind is bytes:
+                data = arg
+            elif kind is str:
+                data = arg.encode()
+            elif kind is int:
+                data = b"%d" % arg
+            else:
+                data = _encode_other(arg)
+            append(b"$%d\r\n" % len(data))
+            append(data)
+            append(_CRLF)
         buffer = self.buffer
-        start = len(buffer)
-        try:
-            buffer += b"*%d\r\n" % len(args)
-            for arg in args:
-                kind = type(arg)
-                if kind is bytes:
-                    data = arg
-                elif kind is str:
-                    data = arg.encode()
-                elif kind is int:
-                    data = b"%d" % arg
-                else:
-                    data = _encode_other(arg)
-                buffer += b"$%d\r\n" % len(data)
-                buffer += data
-                buffer += _CRLF
-        except BaseException:
-            del buffer[start:]  # a half-encoded command must never reach the socket
-            raise
+        buffer += b"".join(parts)
         loop = self.loop
         if not self.flush_scheduled:
             self.flush_scheduled = True
@@ -226,6 +224,12 @@ class _Connection(asyncio.Protocol):
             self.give_up(RedisConnectionError, f"Connection to {self.where} lost{reason}")
 
 
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a future's outcome as read (no "exception was never retrieved" log)."""
+    if not future.cancelled():
+        future.exception()
+
+
 def _encode_other(arg: object) -> bytes:
     """What the hot path's exact type checks did not cover; the rest is refused like redis-py does."""
     if isinstance(arg, bool):
@@ -312,6 +316,37 @@ class TickClient:
             loaded = await self.execute(b"SCRIPT", b"LOAD", script.text)
             invariant(loaded == script._sha_bytes, f"SCRIPT LOAD answered {loaded!r}, expected {script.sha}")
         return await self.execute(*command)
+
+    async def evalsha_many(
+        self, script: Script, calls: Sequence[tuple[Sequence[str], Sequence[bytes | str | int]]]
+    ) -> list[Any]:
+        """`evalsha` for each (keys, args) call, all queued at once: one write, one round trip, and
+        no task per call (what `asyncio.gather` of `evalsha` coroutines would cost). Replies in call
+        order; the first error raises once every reply is in. A call answered NOSCRIPT did not run:
+        it alone goes again through `evalsha`, which loads the script."""
+        connection = self._connection
+        if connection is None or connection.broken:
+            connection = await self._connect()
+        sha = script._sha_bytes
+        futures: list[asyncio.Future[Any]] = []
+        try:
+            for keys, args in calls:
+                futures.append(connection.send((b"EVALSHA", sha, len(keys), *keys, *args)))
+        except BaseException:
+            for future in futures:  # failed with the connection; nobody will read them
+                future.add_done_callback(_retrieve)
+            raise
+        replies: list[Any] = await asyncio.gather(*futures, return_exceptions=True)
+        for i, reply in enumerate(replies):
+            if isinstance(reply, NoScriptError):
+                try:
+                    replies[i] = await self.evalsha(script, *calls[i])
+                except ResponseError as exc:  # this call's own error: the others still run
+                    replies[i] = exc
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+        return replies
 
     async def close(self) -> None:
         """Fail pending commands with ConnectionError and close the connection; later calls fail too."""

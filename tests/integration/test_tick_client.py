@@ -242,6 +242,46 @@ async def test_evalsha_error_from_the_script_is_a_response_error(tick: TickClien
     assert await tick.execute("PING") == b"PONG"
 
 
+async def test_evalsha_many_answers_in_call_order_in_one_write(tick: TickClient, prefix: str) -> None:
+    script = Script(
+        f"-- tick client test {secrets.token_hex(16)}\nreturn {{KEYS[1], redis.call('INCR', KEYS[1])}}"
+    )
+    await tick.evalsha(script, [f"{prefix}:warm"], [])  # connected and loaded: the writes below are the calls
+    writes_before = tick.writes
+    keys = [f"{prefix}:many:{n % 7}" for n in range(50)]
+    replies = await tick.evalsha_many(script, [([key], []) for key in keys])
+    assert tick.writes - writes_before == 1
+    assert replies == [[key.encode(), keys[: n + 1].count(key)] for n, key in enumerate(keys)]
+
+
+async def test_evalsha_many_loads_an_unknown_script_and_runs_each_call_once(
+    tick: TickClient, prefix: str
+) -> None:
+    script = Script(
+        f"-- tick client test {secrets.token_hex(16)}\nreturn redis.call('INCRBY', KEYS[1], ARGV[1])"
+    )
+    assert await tick.execute("SCRIPT", "EXISTS", script.sha) == [0]
+    key = f"{prefix}:many-unknown"
+    replies = await tick.evalsha_many(script, [([key], [n]) for n in range(1, 11)])
+    assert replies == [sum(range(1, n + 1)) for n in range(1, 11)]  # each ran once, in order
+    assert await tick.execute("GET", key) == str(sum(range(1, 11))).encode()
+
+
+async def test_evalsha_many_raises_a_call_error_after_every_call_ran(tick: TickClient, prefix: str) -> None:
+    script = Script(
+        f"-- tick client test {secrets.token_hex(16)}\n"
+        "if ARGV[1] == 'bad' then return redis.error_reply('REFUSED by script') end\n"
+        "return redis.call('INCR', KEYS[1])"
+    )
+    key = f"{prefix}:many-error"
+    calls = [([key], ["good"]), ([key], ["bad"]), ([key], ["good"])]
+    for count in (b"2", b"4"):  # the script unknown to Redis first (NOSCRIPT), then known
+        with pytest.raises(redis.exceptions.ResponseError, match="REFUSED by script"):
+            await tick.evalsha_many(script, calls)
+        assert await tick.execute("GET", key) == count  # the calls around the refused one ran
+    assert await tick.execute("PING") == b"PONG"
+
+
 async def test_evalsha_loads_once_then_gives_up(own: OwnRedis, monkeypatch: pytest.MonkeyPatch) -> None:
     """A script flushed again right after its SCRIPT LOAD: the second NOSCRIPT is raised, not retried."""
     client = TickClient(own.url, timeout_s=TIMEOUT_S)

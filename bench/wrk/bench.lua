@@ -5,7 +5,8 @@
 --   BENCH_RUN       the prefix of this run's idempotency keys
 --   BENCH_KEYS_OUT  if set, each thread writes the idempotency key of every 201 to
 --                   BENCH_KEYS_OUT.<thread>, so the driver can match answers to the ledger
---   BENCH_DELAY_MS  if set, each connection pauses this long before each request
+--   BENCH_DELAY_MS  if set, each connection pauses before each request, this long on average
+--                   (exponentially distributed: see delay() below)
 --   BENCH_BATCH_ITEMS  if set, each request is a POST /v1/debits/batch of this many
 --                   debits over BENCH_WALLETS (BENCH_PATH is then ignored)
 -- By hand:
@@ -27,6 +28,7 @@ local keys_file = nil
 local batch_items = tonumber(os.getenv("BENCH_BATCH_ITEMS") or "0") or 0
 
 function init(args)
+    math.randomseed(os.time() * 1000 + thread_number)
     path_template = os.getenv("BENCH_PATH") or "/bench/floor"
     run = (os.getenv("BENCH_RUN") or "manual") .. "-" .. tostring(thread_number) .. "-"
     if batch_items > 0 or string.find(path_template, "{wallet}", 1, true) then
@@ -85,8 +87,16 @@ end
 
 local delay_ms = tonumber(os.getenv("BENCH_DELAY_MS") or "0") or 0
 if delay_ms > 0 then
+    -- Exponentially distributed pauses with this mean, not a fixed one: with
+    -- a fixed pause the connections stay in step and send in bursts (all of
+    -- them within a millisecond, then silence), which measures the queue a
+    -- burst builds, not the service at half load. Random pauses spread the
+    -- requests out as independent clients do (Poisson arrivals). Capped at
+    -- DELAY_MEANS_MAX means, so one draw cannot stall a connection.
+    local DELAY_MEANS_MAX = 8
     function delay()
-        return delay_ms
+        local u = math.random()
+        return math.min(-delay_ms * math.log(1 - u), DELAY_MEANS_MAX * delay_ms)
     end
 end
 

@@ -29,7 +29,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     idempotency_ttl_s: Annotated[int, msgspec.Meta(ge=60, le=7 * 24 * 3600)] = 3600
     # Group commit: entries per transaction, and transactions in flight.
     commit_batch_entries_max: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 16
-    commit_connections: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    commit_connections: Annotated[int, msgspec.Meta(ge=1, le=64)] = 2
     # Bounded waits. A debit whose commit outlives commit_timeout_ms is answered 503.
     commit_timeout_ms: Annotated[int, msgspec.Meta(ge=10, le=60_000)] = 2000
     database_timeout_ms: Annotated[int, msgspec.Meta(ge=10, le=60_000)] = 2000

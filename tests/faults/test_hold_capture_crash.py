@@ -59,6 +59,8 @@ SERVER_ENV = {
     "CENTIME_COMMIT_TIMEOUT_MS": "2000",
     "CENTIME_DATABASE_TIMEOUT_MS": "2000",
     "CENTIME_SWEEPER_GRACE_MS": "9000",
+    # A writer connection for each capture of CASES, so each one's insert waits in Postgres.
+    "CENTIME_COMMIT_CONNECTIONS": "4",
 }
 WAIT_S = 20.0
 WAITING = (

@@ -267,6 +267,44 @@ async def test_evalsha_many_loads_an_unknown_script_and_runs_each_call_once(
     assert await tick.execute("GET", key) == str(sum(range(1, 11))).encode()
 
 
+async def test_evalsha_many_makes_no_task_per_call(tick: TickClient, prefix: str) -> None:
+    script = Script(f"-- tick client test {secrets.token_hex(16)}\nreturn redis.call('INCR', KEYS[1])")
+    await tick.evalsha(script, [f"{prefix}:warm"], [])
+    running = asyncio.ensure_future(tick.evalsha_many(script, [([f"{prefix}:tasks"], [])] * 50))
+    tasks_before = len(asyncio.all_tasks())
+    await asyncio.sleep(0)  # the call has queued its commands and waits for the replies
+    assert len(asyncio.all_tasks()) == tasks_before  # a gather of 50 coroutines would add 50
+    assert await running == list(range(1, 51))
+
+
+class _FlushMidway(list):  # type: ignore[type-arg]
+    """Calls whose iteration drops every script from Redis after the first `after` calls are
+    queued: those run, the rest are answered NOSCRIPT."""
+
+    def __init__(self, calls: list, tick: TickClient, after: int) -> None:  # type: ignore[type-arg]
+        super().__init__(calls)
+        self.tick, self.after = tick, after
+
+    def __iter__(self) -> Iterator:  # type: ignore[type-arg]
+        for n, call in enumerate(super().__iter__()):
+            if n == self.after:
+                connection = self.tick._connection
+                assert connection is not None
+                connection.send((b"SCRIPT", b"FLUSH"))
+            yield call
+
+
+async def test_evalsha_many_runs_each_call_once_when_redis_forgets_the_script_midway(
+    tick: TickClient, prefix: str
+) -> None:
+    script = Script(f"-- tick client test {secrets.token_hex(16)}\nreturn redis.call('INCR', KEYS[1])")
+    await tick.evalsha(script, [f"{prefix}:warm"], [])
+    keys = [f"{prefix}:midway:{n}" for n in range(6)]
+    replies = await tick.evalsha_many(script, _FlushMidway([([key], []) for key in keys], tick, after=3))
+    assert replies == [1] * 6
+    assert [await tick.execute("GET", key) for key in keys] == [b"1"] * 6  # none ran twice
+
+
 async def test_evalsha_many_raises_a_call_error_after_every_call_ran(tick: TickClient, prefix: str) -> None:
     script = Script(
         f"-- tick client test {secrets.token_hex(16)}\n"

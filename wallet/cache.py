@@ -118,6 +118,16 @@ class HoldState(msgspec.Struct, frozen=True, kw_only=True):
     entry_id: uuid.UUID | None
 
 
+def _wallet_key(tag: str, wallet: str) -> str:
+    """Cache.wallet_key, from the partition's tag and the wallet id as text."""
+    return f"{tag}:w:{wallet}"
+
+
+def _idempotency_key(tag: str, wallet: str, key: str) -> str:
+    """Cache.idempotency_key, from the partition's tag and the wallet id as text."""
+    return f"{tag}:i:{wallet}:{key}"
+
+
 def new_hold_id(wallet_id: uuid.UUID) -> uuid.UUID:
     """A UUIDv7 whose last four bytes are the wallet's partition hash, so a
     hold id alone names its partition: the wallet's (Cache.hold_partition)."""
@@ -163,10 +173,10 @@ class Cache:
         return self._tags[partition]
 
     def wallet_key(self, wallet_id: uuid.UUID) -> str:
-        return f"{self._tags[self.partition(wallet_id)]}:w:{wallet_id}"
+        return _wallet_key(self._tag(self.partition(wallet_id)), str(wallet_id))
 
     def idempotency_key(self, wallet_id: uuid.UUID, key: str) -> str:
-        return f"{self._tags[self.partition(wallet_id)]}:i:{wallet_id}:{key}"
+        return _idempotency_key(self._tag(self.partition(wallet_id)), str(wallet_id), key)
 
     def outbox_key(self, partition: int) -> str:
         return f"{self._tag(partition)}:outbox"
@@ -223,7 +233,7 @@ class Cache:
         """Debit or credit wallets of one partition in one script call; a
         reply per item (apply.lua)."""
         keys = [self.outbox_key(partition), self.abandoned_key(partition)]
-        tag = self._tags[partition]
+        tag = self._tag(partition)
         args: list[Any] = [ttl_s, AMOUNT_MICROS_MAX]
         for item in items:
             invariant(
@@ -231,7 +241,7 @@ class Cache:
             )
             # wallet_key and idempotency_key, with the partition and the wallet id formatted once
             wallet = str(item.wallet_id)
-            keys += [f"{tag}:w:{wallet}", f"{tag}:i:{wallet}:{item.idempotency_key}"]
+            keys += [_wallet_key(tag, wallet), _idempotency_key(tag, wallet, item.idempotency_key)]
             args += [item.kind, str(item.amount_micros), item.request_hash, str(item.entry_id), item.payload]
         if self.tick is not None:
             return await self.tick.evalsha(self._tick_apply, keys, args)

@@ -89,6 +89,15 @@ async def create_database(stores: Stores, name: str, template: str | None = None
     return with_database(stores.server_url, name)
 
 
+async def migrate_database(url: str) -> None:
+    """Apply the migrations to the database at `url`."""
+    conn = await asyncpg.connect(url)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+
+
 async def drop_database(stores: Stores, name: str) -> None:
     conn = await asyncpg.connect(stores.server_url)
     try:
@@ -101,12 +110,7 @@ async def drop_database(stores: Stores, name: str) -> None:
 async def template_database(stores: Stores) -> AsyncIterator[str]:
     """A migrated, empty database to clone: CREATE DATABASE ... TEMPLATE is fast."""
     name = f"centime_tmpl_{RUN_ID}"
-    url = await create_database(stores, name)
-    conn = await asyncpg.connect(url)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
+    await migrate_database(await create_database(stores, name))
     yield name
     await drop_database(stores, name)
 

@@ -23,9 +23,8 @@ import httpx
 import msgspec
 import pytest
 import redis.asyncio as redis
-from conftest import RUN_ID, Keys, auth, delete_prefix, free_port, make_keys
+from conftest import RUN_ID, Keys, auth, delete_prefix, free_port, make_keys, migrate_database
 
-from centime.migrate import migrate
 from centime.settings import Settings
 from wallet.cache import Cache
 
@@ -137,11 +136,7 @@ async def migrated_database(cluster: Cluster) -> str:
     finally:
         await conn.close()
     database_url = cluster.url("centime")
-    conn = await asyncpg.connect(database_url)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
+    await migrate_database(database_url)
     return database_url
 
 

@@ -43,7 +43,7 @@ from bench.progress import say
 from bench.stores import centime_server, ensure_tool, own_database, own_redis, postgres_server
 from centime.app import redis_client
 from centime.auth import create_api_key
-from centime.migrate import migrate
+from centime.migrate import migrate_database
 from centime.settings import Settings
 from centime.sql import load_queries
 from ledger import repo as ledger_repo
@@ -64,6 +64,8 @@ FUND_MICROS = 10**9
 """1,000.00 USD per wallet: a run spends about 0.01 USD from each."""
 HOT_FUND_MICROS = 10**13
 CONNECTIONS = 64
+CONNECT_TIMEOUT_S = 60
+"""How long the driver may wait to connect to Postgres (asyncpg's default)."""
 HALF_LOAD_CONNECTIONS = 32
 CALIBRATION_SECONDS = 5
 LOCUST_USERS = 32
@@ -131,11 +133,7 @@ async def seed(database_url: str, cache: Cache, settings: Settings, wallets: int
 
 async def measure(database_url: str, redis_url: str, seconds: int, wallets: int, workers: int) -> dict:  # type: ignore[type-arg]
     settings = Settings(database_url=database_url, redis_url=redis_url)
-    conn = await asyncpg.connect(database_url)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
+    await migrate_database(database_url, connect_timeout_s=CONNECT_TIMEOUT_S)
     client = redis_client(redis_url, settings)
     cache = Cache(client, prefix=settings.redis_prefix, partition_count=settings.partition_count)
     ids, key = await seed(database_url, cache, settings, wallets)

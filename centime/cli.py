@@ -69,15 +69,13 @@ def main() -> None:
 
 
 async def _migrate(database_url: str) -> list[str]:
-    from centime.migrate import MigrationError, migrate
+    from centime.migrate import MigrationError, migrate_database
 
-    conn = await asyncpg.connect(database_url, timeout=10)
     try:
-        return [f"{m.version:04d}_{m.name}" for m in await migrate(conn)]
+        applied = await migrate_database(database_url, connect_timeout_s=10)
     except MigrationError as exc:
         raise click.ClickException(f"migrate: {exc}") from None
-    finally:
-        await conn.close()
+    return [f"{m.version:04d}_{m.name}" for m in applied]
 
 
 @main.command("migrate")

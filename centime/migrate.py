@@ -69,3 +69,12 @@ async def migrate(conn: asyncpg.Connection, directory: Path = MIGRATIONS_DIR) ->
         return done
     finally:
         await conn.execute(Q["migrations_unlock"])
+
+
+async def migrate_database(database_url: str, *, connect_timeout_s: float) -> list[Migration]:
+    """`migrate` over a connection of its own to `database_url`."""
+    conn = await asyncpg.connect(database_url, timeout=connect_timeout_s)
+    try:
+        return await migrate(conn)
+    finally:
+        await conn.close()

@@ -28,12 +28,14 @@ import redis.asyncio as redis
 from stripe_support import FakeStripe, register_webhook, start_fake_stripe
 
 from centime.auth import create_api_key
-from centime.migrate import migrate
+from centime.migrate import migrate_database
 from centime.settings import Settings, load_settings
 from wallet.cache import Cache
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_ID = secrets.token_hex(4)
+CONNECT_TIMEOUT_S = 60
+"""How long a test may wait to connect to Postgres (asyncpg's default)."""
 
 
 def _answers(host: str, port: int) -> bool:
@@ -89,15 +91,6 @@ async def create_database(stores: Stores, name: str, template: str | None = None
     return with_database(stores.server_url, name)
 
 
-async def migrate_database(url: str) -> None:
-    """Apply the migrations to the database at `url`."""
-    conn = await asyncpg.connect(url)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-
-
 async def drop_database(stores: Stores, name: str) -> None:
     conn = await asyncpg.connect(stores.server_url)
     try:
@@ -110,7 +103,7 @@ async def drop_database(stores: Stores, name: str) -> None:
 async def template_database(stores: Stores) -> AsyncIterator[str]:
     """A migrated, empty database to clone: CREATE DATABASE ... TEMPLATE is fast."""
     name = f"centime_tmpl_{RUN_ID}"
-    await migrate_database(await create_database(stores, name))
+    await migrate_database(await create_database(stores, name), connect_timeout_s=CONNECT_TIMEOUT_S)
     yield name
     await drop_database(stores, name)
 

@@ -23,8 +23,9 @@ import httpx
 import msgspec
 import pytest
 import redis.asyncio as redis
-from conftest import RUN_ID, Keys, auth, delete_prefix, free_port, make_keys, migrate_database
+from conftest import CONNECT_TIMEOUT_S, RUN_ID, Keys, auth, delete_prefix, free_port, make_keys
 
+from centime.migrate import migrate_database
 from centime.settings import Settings
 from wallet.cache import Cache
 
@@ -136,7 +137,7 @@ async def migrated_database(cluster: Cluster) -> str:
     finally:
         await conn.close()
     database_url = cluster.url("centime")
-    await migrate_database(database_url)
+    await migrate_database(database_url, connect_timeout_s=CONNECT_TIMEOUT_S)
     return database_url
 
 

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple, TypeVar
 import asyncpg
 import msgspec
 import redis.asyncio as redis
+import redis.exceptions as redis_exceptions
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType, Operation, RequestBody, Schema
 
@@ -29,9 +30,34 @@ STORAGE_ERRORS = (
     asyncpg.InterfaceError,
     redis.RedisError,
 )
-"""Postgres or Redis did not answer: 503, nothing charged."""
+"""What Postgres and Redis raise. Only some of it means "not reachable or
+not in time" (storage_unavailable); the rest is a bug."""
+UNAVAILABLE_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,  # SQLSTATE class 08: the connection failed or was lost
+    asyncpg.exceptions.OperatorInterventionError,  # 57: statement timeout, shutdown, not yet accepting
+    asyncpg.exceptions.InsufficientResourcesError,  # 53: too many connections, out of disk or memory
+    asyncpg.exceptions.TransactionRollbackError,  # 40: serialization failure, deadlock: retryable
+    asyncpg.exceptions.LockNotAvailableError,  # 55P03: lock_timeout
+    redis.ConnectionError,  # includes BusyLoadingError (Redis is loading its data)
+    redis.TimeoutError,
+    redis_exceptions.ReadOnlyError,  # a replica during failover
+)
+_CLOSED_INTERFACE = ("connection is closed", "pool is closing", "pool is closed")
 STORAGE_DOWN_DETAIL = "storage did not answer in time; nothing was charged"
 INTERNAL_ERROR_DETAIL = "an internal error occurred; it was logged"
+
+
+def storage_unavailable(exc: BaseException) -> bool:
+    """Postgres or Redis could not be reached or did not answer in time: a
+    503 that a retry may cure. A constraint, data or script error from them
+    is not: it is a bug, answered 500 (problem_answer)."""
+    if isinstance(exc, UNAVAILABLE_ERRORS):
+        return True
+    return isinstance(exc, asyncpg.InterfaceError) and str(exc).startswith(_CLOSED_INTERFACE)
+
+
 REQUEST_BODY_BYTES_MAX = 64 * 1024
 
 
@@ -60,7 +86,8 @@ _log = logging.getLogger("centime")
 def problem_answer(exc: Exception) -> ProblemAnswer:
     """The answer to an error a handler raised, logged and counted: a
     CentimeError as it says, Postgres or Redis not answering 503 (the debit
-    path settles its own storage errors before answering), anything else 500."""
+    path settles its own storage errors before answering), anything else,
+    Postgres refusing a statement included, 500, logged with its traceback."""
     headers: dict[str, str] = {}
     if isinstance(exc, CentimeError):
         if exc.status >= 500:
@@ -68,7 +95,7 @@ def problem_answer(exc: Exception) -> ProblemAnswer:
         if exc.status == 401:
             headers["WWW-Authenticate"] = 'Bearer realm="centime"'
         status, code, title, detail, extra = exc.status, exc.code, exc.title, exc.detail, exc.extra
-    elif isinstance(exc, STORAGE_ERRORS):
+    elif storage_unavailable(exc):
         _log.warning("storage unavailable: %r", exc)
         status, code, title, detail, extra = (
             503,

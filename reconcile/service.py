@@ -13,8 +13,9 @@ A run, holding the one reconciliation lock (a Postgres advisory lock):
   5. records the run and one item per finding, and supersedes earlier runs
      of the same window.
 It heals only what is safe, always as new ledger entries, and never in a dry
-run: a paid top-up with no credit is credited through the webhook's own code
-path (same keys, so never twice); a fee the ledger missed gets its fee lines
+run: a paid top-up with no credit, a refund not clawed back and a dispute
+not opened or not closed are brought up to date through the webhook's own
+code path (same keys, so never twice); a fee the ledger missed gets its fee lines
 (key `fee:<txn>`, once); Redis drift is repaired from the ledger.
 """
 
@@ -99,6 +100,13 @@ def expected_kind(transaction: BalanceTransaction) -> str | None:
 
 
 SIGN = {"topup": 1, "topup_refund": -1, "dispute_opened": -1, "dispute_won": 1}
+MISSED = {
+    "topup": "the top-up was never credited",
+    "topup_refund": "the refund was never clawed back",
+    "dispute_opened": "the dispute was never opened",
+    "dispute_won": "the won dispute was never given back",
+}
+"""What a missing entry of each kind means, when the reconciler heals it."""
 
 
 def default_window(now: datetime) -> tuple[datetime, datetime]:
@@ -294,13 +302,22 @@ class Reconciler:
                 detail=f"centime records no {transaction.type} transactions in the ledger; reported for finance",
             )
         entries = [e for e in by_object.get(source, []) if e.kind == kind]
-        if not entries and kind == "topup" and not dry_run:
-            outcome = await self._heal_credit(source)
+        if not entries and not dry_run:
+            # A heal brings a whole payment up to date: an earlier item of
+            # this run may have written this one's entry already.
+            entries = [e for e in await repo.ledger_for_objects(conn, [source]) if e.kind == kind]
+            if entries:
+                item = self._compare(transaction, entries, by_object.get(transaction.id, []), base)
+                if item is None:
+                    detail = f"{MISSED[kind]} (lost webhook); healed by an earlier item of this run"
+                    return Item(category="missing_in_ledger", **base, healed=True, detail=detail)
+                return item
+            outcome = await self._heal_missing(kind, source)
             if outcome is not None:
                 entries = [e for e in await repo.ledger_for_objects(conn, [source]) if e.kind == kind]
                 if entries:
                     item = self._compare(transaction, entries, by_object.get(transaction.id, []), base)
-                    detail = f"the top-up was never credited (lost webhook); healed: {outcome}"
+                    detail = f"{MISSED[kind]} (lost webhook); healed: {outcome}"
                     if item is not None:
                         return msgspec.structs.replace(item, detail=f"{detail}; then {item.detail}")
                     return Item(category="missing_in_ledger", **base, healed=True, detail=detail)
@@ -308,8 +325,7 @@ class Reconciler:
             return Item(
                 category="missing_in_ledger",
                 **base,
-                detail=f"no {kind} entry for {source} in the ledger"
-                + ("" if kind == "topup" else " (reported; only top-up credits are healed)"),
+                detail=f"no {kind} entry for {source} in the ledger",
             )
         item = self._compare(transaction, entries, by_object.get(transaction.id, []), base)
         if item is not None and item.category == "fee_mismatch" and not dry_run and _fee_missing(item):
@@ -363,16 +379,20 @@ class Reconciler:
             )
         return None
 
-    async def _heal_credit(self, charge_id: str) -> str | None:
-        """Credit a paid top-up exactly as its webhook would have. None when
-        it is not a centime top-up or Stripe would not say (then reported)."""
+    async def _heal_missing(self, kind: str, source: str) -> str | None:
+        """Bring the ledger up to date with the payment or dispute that a
+        missing entry belongs to, exactly as its webhook would have (same
+        keys, so never twice). None when it is not a centime top-up's or
+        Stripe would not say (then reported)."""
         try:
-            intent_id = await self.topups.payment_intent_of_charge(charge_id)
-            if intent_id is None:
-                return None
-            return await self.topups.sync_payment(intent_id)
+            if kind == "topup":
+                intent_id = await self.topups.payment_intent_of_charge(source)
+                return None if intent_id is None else await self.topups.sync_payment(intent_id)
+            if kind == "topup_refund":
+                return await self.topups.sync_refund(source)
+            return await self.topups.sync_dispute(source)
         except CentimeError as exc:
-            log.warning("charge %s: not healed: %s", charge_id, exc.detail)
+            log.warning("%s %s: not healed: %s", kind, source, exc.detail)
             return None
 
     async def _heal_fee(self, transaction: BalanceTransaction, entry: LedgerEntry) -> None:

@@ -24,7 +24,11 @@ What it changes in localstripe, at startup only (localstripe itself is never edi
 - ``Refund.payment_intent`` is filled from the charge when the refund names only the charge.
 - ``POST /_config/balance_transactions`` (JSON, no auth) adds a balance transaction of any
   type, e.g. a dispute ``adjustment``, optionally with a past ``created``, for reconciler tests.
-- ``DELETE /_config/data`` (localstripe's flush) also forgets idempotency keys.
+- ``DELETE /_config/data`` (localstripe's flush) also forgets idempotency keys (and disputes).
+- Ids as long as Stripe's: a prefix and 24 characters (``re_`` ids are 27 long), not 14.
+- Disputes (localstripe has none): ``POST /_config/disputes`` (JSON, no auth) stores a dispute
+  object as given (tests build it with ``stripe_support.make_dispute``); ``GET
+  /v1/disputes/{id}`` returns it.
 
 This module imports nothing from the product packages.
 """
@@ -59,6 +63,48 @@ def _disable_persistence(resources: Any) -> None:
 
     resources.Store.dump_to_disk = _no_op
     resources.Store.try_load_from_disk = _no_op
+
+
+STRIPE_ID_CHARS = 24
+"""Characters after an id's prefix on Stripe (``re_`` + 24 = 27); localstripe makes 14."""
+
+
+def _install_stripe_id_length(resources: Any) -> None:
+    original = resources.random_id
+
+    def random_id(n: int) -> str:
+        return original(STRIPE_ID_CHARS if n == 14 else n)
+
+    resources.random_id = random_id
+
+
+def _add_dispute_routes(app: web.Application) -> None:
+    from localstripe.errors import UserError
+
+    disputes: dict[str, dict[str, Any]] = {}
+
+    async def store(request: web.Request) -> web.StreamResponse:
+        dispute = await request.json()
+        if not isinstance(dispute, dict) or not str(dispute.get("id", "")).startswith("dp_"):
+            raise UserError(400, "Expected a dispute object with an id dp_...")
+        disputes[dispute["id"]] = dispute
+        return web.json_response(dispute)
+
+    async def retrieve(request: web.Request) -> web.StreamResponse:
+        dispute = disputes.get(request.match_info["id"])
+        if dispute is None:
+            raise UserError(
+                404, f"No such dispute: '{request.match_info['id']}'", {"code": "resource_missing"}
+            )
+        return web.json_response(dispute)
+
+    async def forget(request: web.Request) -> web.StreamResponse:
+        disputes.clear()
+        return web.json_response({})
+
+    app.router.add_post("/_config/disputes", store)
+    app.router.add_get("/v1/disputes/{id}", retrieve)
+    app.router.add_delete("/_config/disputes", forget)
 
 
 def _install_fee_rule(resources: Any, fee_bps: int, fee_fixed_minor: int) -> None:
@@ -376,6 +422,7 @@ def build_app(fee_bps: int = 0, fee_fixed_minor: int = 0) -> web.Application:
     from localstripe import resources
 
     _disable_persistence(resources)
+    _install_stripe_id_length(resources)
     _install_fee_rule(resources, fee_bps, fee_fixed_minor)
     _install_balance_transaction_list(resources)
     _install_latest_charge_as_id(resources)
@@ -385,6 +432,7 @@ def build_app(fee_bps: int = 0, fee_fixed_minor: int = 0) -> web.Application:
 
     app.middlewares.insert(0, _idempotency_middleware())
     _add_balance_transaction_route(app, resources)
+    _add_dispute_routes(app)
     return app
 
 

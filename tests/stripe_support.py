@@ -10,7 +10,8 @@ Notes on the fake (localstripe underneath), for test writers:
 - localstripe cannot confirm with a ``payment_method`` parameter: use :func:`pay`.
 - Webhooks are sent about 1 s after the event, signed with the registered secret.
 - Disputes do not exist in localstripe: build them with :func:`make_dispute`, wrap them with
-  :func:`make_event`, sign them with :func:`sign` and post them to the service yourself.
+  :func:`make_event`, sign them with :func:`sign` and post them to the service yourself;
+  :meth:`FakeStripe.put_dispute` makes the fake answer ``GET /v1/disputes/{id}`` with one.
 """
 
 from __future__ import annotations
@@ -69,6 +70,11 @@ class FakeStripe:
     def reset(self) -> None:
         """Forget every object and idempotency key (webhook registrations stay)."""
         httpx.delete(f"{self.base_url}/_config/data", timeout=5).raise_for_status()
+        httpx.delete(f"{self.base_url}/_config/disputes", timeout=5).raise_for_status()
+
+    def put_dispute(self, dispute: dict[str, Any]) -> None:
+        """Makes Stripe know ``dispute`` (from :func:`make_dispute`): ``GET /v1/disputes/{id}``."""
+        httpx.post(f"{self.base_url}/_config/disputes", json=dispute, timeout=5).raise_for_status()
 
     def add_balance_transaction(self, **fields: Any) -> dict[str, Any]:
         """Adds a balance transaction of any type (default ``adjustment``): fields ``amount``,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 import stripe
@@ -18,20 +18,27 @@ from topup.errors import (
     WebhookPayloadInvalid,
     WebhookSignatureInvalid,
 )
-from topup.schemas import BalanceTransaction, Charge, Payment, PaymentIntent, Refund
+from topup.schemas import BalanceTransaction, Charge, Dispute, Payment, PaymentIntent, Refund
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-REFUNDS_PER_CHARGE_MAX = 100
-"""Refunds read per charge: Stripe's largest page. A charge with more is refused loudly."""
+REFUNDS_PAGE_SIZE = 100
+"""Stripe's largest page of refunds."""
+REFUNDS_PER_CHARGE_MAX = 1000
+"""Refunds read per charge, a page at a time. A charge with more is refused
+loudly (Stripe limits the refunds of a charge well below this in practice)."""
 WEBHOOK_TOLERANCE_S = 300
 """Stripe's default: a signed event older than this is refused (replay protection)."""
 
 
+StripeText = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+"""An event's id and type: stored in columns of this bound (stripe_events)."""
+
+
 class Event(msgspec.Struct, kw_only=True):
-    id: str
-    type: str
+    id: StripeText
+    type: StripeText
     created: int
     data: dict[str, Any]
 
@@ -159,6 +166,18 @@ class StripeGateway:
     async def payment_intent_of_charge(self, charge_id: str) -> str | None:
         return (await self._charge(charge_id)).payment_intent
 
+    async def refund(self, refund_id: str) -> Refund:
+        raw = await self._call(
+            f"reading refund {refund_id}", self._client.v1.refunds.retrieve_async(refund_id)
+        )
+        return _convert(raw, Refund)
+
+    async def dispute(self, dispute_id: str) -> Dispute:
+        raw = await self._call(
+            f"reading dispute {dispute_id}", self._client.v1.disputes.retrieve_async(dispute_id)
+        )
+        return _convert(raw, Dispute)
+
     async def _charge(self, charge_id: str) -> Charge:
         raw = await self._call(
             f"reading charge {charge_id}",
@@ -174,14 +193,20 @@ class StripeGateway:
         return _convert(raw, BalanceTransaction)
 
     async def _refunds(self, charge_id: str) -> list[Refund]:
-        page = await self._call(
-            f"listing the refunds of charge {charge_id}",
-            self._client.v1.refunds.list_async(params={"charge": charge_id, "limit": REFUNDS_PER_CHARGE_MAX}),
-        )
-        plain = _to_plain(page)
-        if plain.get("has_more"):
-            raise StripeRefused(f"charge {charge_id} has more than {REFUNDS_PER_CHARGE_MAX} refunds")
-        return [_convert(item, Refund) for item in plain.get("data", [])]
+        refunds: list[Refund] = []
+        params: dict[str, Any] = {"charge": charge_id, "limit": REFUNDS_PAGE_SIZE}
+        for _page in range(REFUNDS_PER_CHARGE_MAX // REFUNDS_PAGE_SIZE):
+            page = _to_plain(
+                await self._call(
+                    f"listing the refunds of charge {charge_id}",
+                    self._client.v1.refunds.list_async(params=params),  # type: ignore[arg-type]
+                )
+            )
+            refunds += [_convert(item, Refund) for item in page.get("data", [])]
+            if not page.get("has_more") or not refunds:
+                return refunds
+            params["starting_after"] = refunds[-1].id
+        raise StripeRefused(f"charge {charge_id} has more than {REFUNDS_PER_CHARGE_MAX} refunds")
 
     # Webhooks ----------------------------------------------------------------
 

@@ -83,6 +83,7 @@ class Refund(msgspec.Struct, kw_only=True):
     amount: int
     currency: str
     status: str | None = None
+    charge: str | None = None
 
 
 class Charge(msgspec.Struct, kw_only=True):

@@ -95,8 +95,57 @@ REFUND_SETTLED = frozenset({"succeeded", "pending"})
 refund; a refund that later fails is left to reconciliation."""
 
 
+OUTCOME_CHARS_MAX = 255
+"""An event's stored outcome (stripe_events.outcome) is at most this long."""
+EVENT_TEXT_CHARS_MAX = 255
+"""And so are its type and object id (stripe_events.type, .object_id)."""
+
+
 class _Duplicate(Exception):
     """Another delivery of the event committed first: roll back."""
+
+
+class Effects:
+    """What one event (or one heal) did to the ledger, counted, so that its
+    summary stays short however much it did: one event of a charge with a
+    hundred refunds claws back a hundred times and says so in one clause.
+    Each effect's own record is its ledger entry (keyed by its Stripe id)."""
+
+    def __init__(self) -> None:
+        self.credited_micros = 0
+        self.refunds = 0
+        self.refunded_micros = 0
+        self.disputes: list[str] = []
+        """At most two: one event names one dispute, opened and closed once each."""
+
+    def __bool__(self) -> bool:
+        return bool(self.credited_micros or self.refunds or self.disputes)
+
+    def credited(self, amount_micros: int) -> None:
+        self.credited_micros += amount_micros
+
+    def clawed_back(self, amount_micros: int) -> None:
+        self.refunds += 1
+        self.refunded_micros += amount_micros
+
+    def dispute(self, summary: str) -> None:
+        self.disputes.append(summary)
+
+    def summary(self) -> str:
+        """`processed: ...`, at most OUTCOME_CHARS_MAX characters."""
+        clauses = []
+        if self.credited_micros:
+            clauses.append(f"credited {self.credited_micros} micros")
+        if self.refunds:
+            noun = "refund" if self.refunds == 1 else "refunds"
+            clauses.append(f"clawed back {self.refunded_micros} micros ({self.refunds} {noun})")
+        clauses.extend(self.disputes)
+        return bounded(f"processed: {', '.join(clauses) or 'no change'}", OUTCOME_CHARS_MAX)
+
+
+def bounded(text: str, chars_max: int) -> str:
+    """`text`, cut to `chars_max` characters with an ellipsis when longer."""
+    return text if len(text) <= chars_max else text[: chars_max - 1] + "\u2026"
 
 
 def topup_request_hash(amount_micros: int) -> str:
@@ -329,8 +378,8 @@ class TopUps:
 
     async def _record_only(self, event: Event, outcome: str) -> str:
         async with self.pool.acquire(timeout=self._timeout_s) as conn:
-            stored = await repo.insert_event(conn, event.id, event.type, _object_id(event), outcome)
-        return outcome if stored else "duplicate"
+            stored = await _store_event(conn, event, outcome)
+        return bounded(outcome, OUTCOME_CHARS_MAX) if stored else "duplicate"
 
     async def _on_payment_event(self, event: Event) -> str:
         intent_id = await self._payment_intent_of(event.object)
@@ -344,10 +393,11 @@ class TopUps:
             dispute = msgspec.convert(event.object, Dispute)
         except msgspec.ValidationError as exc:
             raise WebhookPayloadInvalid(f"event {event.id}: not a dispute: {exc}") from None
-        charge_id = dispute.charge if isinstance(dispute.charge, str) else dispute.charge.id
-        intent_id = dispute.payment_intent or await self.payment_intent_of_charge(charge_id)
+        intent_id = await self._payment_intent_of_dispute(dispute)
         if intent_id is None:
-            return await self._record_only(event, f"ignored: charge {charge_id} has no PaymentIntent")
+            return await self._record_only(
+                event, f"ignored: charge {_charge_id(dispute)} has no PaymentIntent"
+            )
         # The payment is read too: a dispute can arrive before the success event.
         outcome = await self._bring_up_to_date(intent_id, event, dispute=dispute)
         return outcome or await self._record_only(event, f"ignored: {intent_id} is not a centime top-up")
@@ -357,6 +407,29 @@ class TopUps:
         now, exactly as its webhook events would (the reconciler heals a lost
         webhook with this). None when it is not a centime top-up."""
         return await self._bring_up_to_date(payment_intent_id, None, dispute=None)
+
+    async def sync_refund(self, refund_id: str) -> str | None:
+        """The same for the payment a refund belongs to: every settled refund
+        of its charge is clawed back, each once (by its `refund:<id>` key)."""
+        refund = await self._gateway().refund(refund_id)
+        if refund.charge is None:
+            return None
+        intent_id = await self.payment_intent_of_charge(refund.charge)
+        if intent_id is None:
+            return None
+        return await self._bring_up_to_date(intent_id, None, dispute=None)
+
+    async def sync_dispute(self, dispute_id: str) -> str | None:
+        """The same for a dispute, as Stripe has it now: opened once, closed
+        once, exactly as its webhook events would have."""
+        dispute = await self._gateway().dispute(dispute_id)
+        intent_id = await self._payment_intent_of_dispute(dispute)
+        if intent_id is None:
+            return None
+        return await self._bring_up_to_date(intent_id, None, dispute=dispute)
+
+    async def _payment_intent_of_dispute(self, dispute: Dispute) -> str | None:
+        return dispute.payment_intent or await self.payment_intent_of_charge(_charge_id(dispute))
 
     async def _bring_up_to_date(
         self, intent_id: str, event: Event | None, *, dispute: Dispute | None
@@ -425,13 +498,12 @@ class TopUps:
                 locked = await repo.topup_by_id(conn, row.id, for_update=True)
                 assert locked is not None
                 await lock_wallet(conn, row.wallet_id)
-                effects = await self._settle_payment(conn, locked, payment)
+                effects = Effects()
+                await self._settle_payment(conn, locked, payment, effects)
                 if dispute is not None:
-                    effects += await self._settle_dispute(conn, locked, dispute)
-                outcome = f"processed: {', '.join(effects)}" if effects else "processed: no change"
-                if event is not None and not await repo.insert_event(
-                    conn, event.id, event.type, _object_id(event), outcome
-                ):
+                    await self._settle_dispute(conn, locked, dispute, effects)
+                outcome = effects.summary()
+                if event is not None and not await _store_event(conn, event, outcome):
                     raise _Duplicate
         except _Duplicate:
             return "duplicate"
@@ -449,15 +521,14 @@ class TopUps:
             )
 
     async def _settle_payment(
-        self, conn: asyncpg.Connection, row: repo.TopUpRow, payment: Payment
-    ) -> list[str]:
+        self, conn: asyncpg.Connection, row: repo.TopUpRow, payment: Payment, effects: Effects
+    ) -> None:
         """Credit the top-up once and claw back each refund once."""
         intent, charge = payment.intent, payment.charge
         invariant(
             intent.currency == row.currency,
             f"PaymentIntent {intent.id} is in {intent.currency}, top-up {row.id} in {row.currency}",
         )
-        effects: list[str] = []
         credited, fee, refunded = row.credited_micros, row.fee_micros, row.refunded_micros
         charge_id = row.charge_id
         if (
@@ -490,7 +561,7 @@ class TopUps:
                 },
             )
             if await write_change(conn, entry, status=None, timeout_s=self._timeout_s):
-                effects.append(f"credited {gross} micros")
+                effects.credited(gross)
             credited, fee, charge_id = gross, min(fee_now, gross), charge.id
         if credited and charge is not None:
             for refund in payment.refunds:
@@ -509,7 +580,7 @@ class TopUps:
                 )
                 if await write_change(conn, entry, status=None, timeout_s=self._timeout_s):
                     refunded += amount
-                    effects.append(f"clawed back {amount} micros (refund {refund.id})")
+                    effects.clawed_back(amount)
         error = intent.last_payment_error or {}
         failure = None
         if intent.status == "requires_payment_method" and error:  # the last attempt failed
@@ -524,11 +595,10 @@ class TopUps:
             canceled=intent.status == "canceled",
             failure=failure,
         )
-        return effects
 
     async def _settle_dispute(
-        self, conn: asyncpg.Connection, row: repo.TopUpRow, dispute: Dispute
-    ) -> list[str]:
+        self, conn: asyncpg.Connection, row: repo.TopUpRow, dispute: Dispute, effects: Effects
+    ) -> None:
         """Open the dispute once (freeze the wallet, withhold the amount), and
         close it once (won: give it back; lost: it is gone). Never reopened:
         a late `created` after `closed` changes nothing."""
@@ -542,7 +612,7 @@ class TopUps:
             )
         invariant(dispute.currency == row.currency, f"dispute {dispute.id} is in {dispute.currency}")
         amount = minor_to_micros(dispute.amount, row.currency)
-        effects: list[str] = []
+        changed = False
         stored = await repo.dispute_for_update(conn, dispute.id)
         status = stored.status if stored is not None else None
         if stored is None:
@@ -558,8 +628,8 @@ class TopUps:
                 metadata={"charge_id": row.charge_id or ""},
             )
             await write_change(conn, entry, status="frozen", timeout_s=self._timeout_s)
-            effects.append(f"dispute {dispute.id} opened: wallet frozen, {amount} micros withheld")
-            status = "open"
+            effects.dispute(f"dispute {dispute.id} opened: wallet frozen, {amount} micros withheld")
+            status, changed = "open", True
         else:
             amount = stored.amount_micros
         closed_as = (
@@ -590,12 +660,13 @@ class TopUps:
             await write_change(
                 conn, entry, status="active" if still_open == 0 else None, timeout_s=self._timeout_s
             )
-            effects.append(
+            effects.dispute(
                 f"dispute {dispute.id} {closed_as}"
                 + ("" if still_open else ": wallet active again")
                 + (f", {amount} micros given back" if closed_as == "won" else "")
             )
-        if effects:
+            changed = True
+        if changed:
             await self._save_state(  # the payment's own state stands
                 conn,
                 current,
@@ -606,7 +677,6 @@ class TopUps:
                 canceled=current.status == "canceled",
                 failure=current.failure_message,
             )
-        return effects
 
     async def _save_state(
         self,
@@ -653,9 +723,22 @@ def _failed(row: repo.TopUpRow, message: str) -> repo.TopUpState:
     )
 
 
+def _charge_id(dispute: Dispute) -> str:
+    return dispute.charge if isinstance(dispute.charge, str) else dispute.charge.id
+
+
 def _str(value: object) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _object_id(event: Event) -> str | None:
-    return _str(event.object.get("id"))
+async def _store_event(conn: asyncpg.Connection, event: Event, outcome: str) -> bool:
+    """Store the event as processed (False: it was already). Every text is
+    cut to its column's bound: no event fails for what it says or did."""
+    object_id = _str(event.object.get("id"))
+    return await repo.insert_event(
+        conn,
+        event.id,
+        bounded(event.type, EVENT_TEXT_CHARS_MAX),
+        None if object_id is None else bounded(object_id, EVENT_TEXT_CHARS_MAX),
+        bounded(outcome, OUTCOME_CHARS_MAX),
+    )

@@ -33,7 +33,7 @@ from conftest import (
     stop_server,
     with_stripe,
 )
-from stripe_support import FakeStripe, make_event, pay, sign, start_fake_stripe, stripe_client
+from stripe_support import FakeStripe, make_dispute, make_event, pay, sign, start_fake_stripe, stripe_client
 
 from centime.settings import Settings
 
@@ -291,3 +291,71 @@ async def test_an_entry_for_an_object_of_another_day_is_not_missing_in_stripe(wo
     world.fake.set_fee(transaction_id, created=two_days_ago)
     code, report = reconcile(world)
     assert (code, report["items"], report["run"]["transactions_seen"]) == (0, [], 0), report
+
+
+async def refund_quietly(world: World, topup: dict[str, Any], amount_minor: int) -> str:
+    """A refund at Stripe whose webhook never arrives. Returns its id."""
+    client = stripe_client(world.fake.base_url)
+    intent = await client.v1.payment_intents.retrieve_async(topup["payment_intent_id"])
+    refund = await client.v1.refunds.create_async(
+        params={"charge": str(intent.latest_charge), "amount": amount_minor}
+    )
+    return str(refund.id)
+
+
+async def test_missed_refunds_are_clawed_back_once_and_the_day_is_clean(world: World) -> None:
+    topup = await paid_topup(world, 10_000_000)
+    refund_ids = [await refund_quietly(world, topup, 100) for _ in range(3)]
+    assert all(len(refund_id) == 27 for refund_id in refund_ids)  # Stripe's own length
+    assert await balance_of(world, topup["wallet_id"]) == 10_000_000
+
+    code, report = reconcile(world, "--dry-run")
+    assert code == 1
+    missing = sorted(i["stripe_object_id"] for i in report["items"] if i["category"] == "missing_in_ledger")
+    assert missing == sorted(refund_ids)
+    assert await balance_of(world, topup["wallet_id"]) == 10_000_000
+
+    code, report = reconcile(world)
+    assert code == 0, report
+    assert sorted((i["stripe_object_id"], i["healed"]) for i in report["items"]) == [
+        (refund_id, True) for refund_id in sorted(refund_ids)
+    ]
+    assert await balance_of(world, topup["wallet_id"]) == 7_000_000
+    state = (await world.http.get(f"/v1/topups/{topup['id']}", headers=auth(world.keys.read))).json()
+    assert (state["status"], state["refunded_micros"]) == ("partially_refunded", 3_000_000)
+
+    code, again = reconcile(world)
+    assert (code, again["items"], again["run"]["status"]) == (0, [], "clean"), again
+    conn = await asyncpg.connect(world.settings.database_url)
+    try:
+        keys = await conn.fetch("SELECT idempotency_key FROM journal_entries WHERE kind = 'topup_refund'")
+    finally:
+        await conn.close()
+    assert sorted(r["idempotency_key"] for r in keys) == sorted(f"refund:{r}" for r in refund_ids)
+
+
+async def test_a_missed_dispute_is_opened_then_closed_through_the_webhook_path(world: World) -> None:
+    topup = await paid_topup(world, 10_000_000)
+    client = stripe_client(world.fake.base_url)
+    intent = await client.v1.payment_intents.retrieve_async(topup["payment_intent_id"])
+    charge = (await client.v1.charges.retrieve_async(str(intent.latest_charge))).to_dict()
+    dispute = make_dispute(charge, 400, "usd")
+    world.fake.put_dispute(dispute)
+    world.fake.add_balance_transaction(amount=-400, currency="usd", source=dispute["id"])
+
+    code, report = reconcile(world)
+    assert code == 0, report
+    (item,) = report["items"]
+    assert (item["stripe_object_id"], item["healed"]) == (dispute["id"], True)
+    wallet = (await world.http.get(f"/v1/wallets/{topup['wallet_id']}", headers=auth(world.keys.read))).json()
+    assert (wallet["status"], wallet["balance_micros"]) == ("frozen", 6_000_000)
+
+    world.fake.put_dispute({**dispute, "status": "won"})
+    world.fake.add_balance_transaction(amount=400, currency="usd", source=dispute["id"])
+    code, report = reconcile(world)
+    assert code == 0, report
+    assert [(i["stripe_amount_micros"], i["healed"]) for i in report["items"]] == [(4_000_000, True)]
+    wallet = (await world.http.get(f"/v1/wallets/{topup['wallet_id']}", headers=auth(world.keys.read))).json()
+    assert (wallet["status"], wallet["balance_micros"]) == ("active", 10_000_000)
+    code, again = reconcile(world)
+    assert (code, again["items"]) == (0, []), again

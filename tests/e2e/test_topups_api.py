@@ -456,3 +456,28 @@ async def test_a_dispute_on_a_payment_stripe_shows_unpaid_is_retried_not_swallow
         answer = await post_event(http, event)
         assert answer.status_code == 503 and answer.json()["code"] == "stripe_unavailable", answer.text
     assert (await topup_of(http, keys, topup["id"]))["status"] == "pending"
+
+
+async def test_a_hundred_refunds_in_one_event_claw_back_every_one(
+    http: httpx.AsyncClient, keys: Keys, fake_stripe: FakeStripe
+) -> None:
+    """Refunds made while webhooks were not delivered, then one event: every
+    refund is clawed back, its outcome stays bounded, and the refunded money
+    cannot be spent (it once stayed spendable: the outcome overflowed its column
+    and every delivery answered 503)."""
+    wallet_id, topup = await paid_topup(http, keys, fake_stripe, 20_000_000)
+    refunds = [await refund(fake_stripe, topup["payment_intent_id"], 10) for _ in range(120)]
+    assert {len(r["id"]) for r in refunds} == {27}  # Stripe's real id length; more than one page
+    charge = await charge_of(fake_stripe, topup["payment_intent_id"])
+    event = make_event("charge.refunded", charge)
+    answer = await post_event(http, event)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["outcome"] == "processed: clawed back 12000000 micros (120 refunds)"
+    assert await balance_of(http, keys, wallet_id) == 8_000_000
+    spend = await http.post(
+        f"/v1/wallets/{wallet_id}/debits", json={"amount_micros": 15_000_000}, headers=auth(keys.debit, "big")
+    )
+    assert spend.status_code == 402, spend.text
+    assert (await post_event(http, event)).json()["outcome"] == "duplicate"
+    state = await topup_of(http, keys, topup["id"])
+    assert (state["status"], state["refunded_micros"]) == ("partially_refunded", 12_000_000)

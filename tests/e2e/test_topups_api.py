@@ -159,6 +159,7 @@ async def test_a_bad_signature_is_refused_and_changes_nothing(
     for headers in (
         {"Stripe-Signature": sign(event, "whsec_wrong")},
         {"Stripe-Signature": sign(event, STRIPE_WEBHOOK_SECRET, timestamp=int(time.time()) - 3600)},
+        {"Stripe-Signature": sign(event, STRIPE_WEBHOOK_SECRET, timestamp=int(time.time()) + 3600)},
         {"Stripe-Signature": "garbage"},
         {},
     ):
@@ -166,6 +167,7 @@ async def test_a_bad_signature_is_refused_and_changes_nothing(
         assert response.status_code == 400, response.text
         assert response.json()["code"] == "webhook_signature_invalid"
         assert response.headers["content-type"].startswith("application/problem+json")
+        assert response.headers["x-content-type-options"] == "nosniff"
     tampered = event.replace(b'"amount": 200', b'"amount": 900')
     response = await http.post(
         "/v1/webhooks/stripe",

@@ -109,6 +109,10 @@ async def test_postgres_down_mid_load(own: tuple[Settings, Keys], cluster: Clust
         stopped_s = time.monotonic() - down_at
         try:
             await asyncio.sleep(OUTAGE_S)
+            if fault == "stopped":  # /readyz says which store is down, and never why (that is logged)
+                async with httpx.AsyncClient(base_url=server.base_url, timeout=5) as http:
+                    ready = await http.get("/readyz")
+                assert (ready.status_code, ready.json()) == (503, {"postgres": "down", "redis": "ok"})
         finally:
             cluster.thaw(frozen)
         if fault == "stopped":

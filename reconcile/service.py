@@ -305,22 +305,19 @@ class Reconciler:
         if not entries and not dry_run:
             # A heal brings a whole payment up to date: an earlier item of
             # this run may have written this one's entry already.
-            entries = [e for e in await repo.ledger_for_objects(conn, [source]) if e.kind == kind]
+            entries = await _entries_of(conn, source, kind)
+            healed = "healed by an earlier item of this run"
+            if not entries:
+                outcome = await self._heal_missing(kind, source)
+                if outcome is not None:
+                    entries = await _entries_of(conn, source, kind)
+                    healed = f"healed: {outcome}"
             if entries:
                 item = self._compare(transaction, entries, by_object.get(transaction.id, []), base)
-                if item is None:
-                    detail = f"{MISSED[kind]} (lost webhook); healed by an earlier item of this run"
-                    return Item(category="missing_in_ledger", **base, healed=True, detail=detail)
-                return item
-            outcome = await self._heal_missing(kind, source)
-            if outcome is not None:
-                entries = [e for e in await repo.ledger_for_objects(conn, [source]) if e.kind == kind]
-                if entries:
-                    item = self._compare(transaction, entries, by_object.get(transaction.id, []), base)
-                    detail = f"{MISSED[kind]} (lost webhook); healed: {outcome}"
-                    if item is not None:
-                        return msgspec.structs.replace(item, detail=f"{detail}; then {item.detail}")
-                    return Item(category="missing_in_ledger", **base, healed=True, detail=detail)
+                detail = f"{MISSED[kind]} (lost webhook); {healed}"
+                if item is not None:
+                    return msgspec.structs.replace(item, detail=f"{detail}; then {item.detail}")
+                return Item(category="missing_in_ledger", **base, healed=True, detail=detail)
         if not entries:
             return Item(
                 category="missing_in_ledger",
@@ -506,6 +503,11 @@ def _stripe_side(transaction: BalanceTransaction) -> dict:
         "stripe_fee_micros": minor_to_micros(transaction.fee, currency),
         "stripe_net_micros": minor_to_micros(transaction.net, currency),
     }
+
+
+async def _entries_of(conn: asyncpg.Connection, source: str, kind: str) -> list[LedgerEntry]:
+    """The ledger's entries of this kind for a Stripe object, as written now."""
+    return [e for e in await repo.ledger_for_objects(conn, [source]) if e.kind == kind]
 
 
 def _fee_missing(item: Item) -> bool:

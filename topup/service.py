@@ -97,8 +97,9 @@ refund; a refund that later fails is left to reconciliation."""
 
 OUTCOME_CHARS_MAX = 255
 """An event's stored outcome (stripe_events.outcome) is at most this long."""
-EVENT_TEXT_CHARS_MAX = 255
-"""And so are its type and object id (stripe_events.type, .object_id)."""
+OBJECT_ID_CHARS_MAX = 255
+"""And so is its object's id (stripe_events.object_id); its own id and type
+are refused beyond this when the event is decoded (topup.gateway.Event)."""
 
 
 class _Duplicate(Exception):
@@ -733,12 +734,12 @@ def _str(value: object) -> str | None:
 
 async def _store_event(conn: asyncpg.Connection, event: Event, outcome: str) -> bool:
     """Store the event as processed (False: it was already). Every text is
-    cut to its column's bound: no event fails for what it says or did."""
+    within its column's bound: no event fails for what it says or did."""
     object_id = _str(event.object.get("id"))
     return await repo.insert_event(
         conn,
         event.id,
-        bounded(event.type, EVENT_TEXT_CHARS_MAX),
-        None if object_id is None else bounded(object_id, EVENT_TEXT_CHARS_MAX),
+        event.type,
+        None if object_id is None else bounded(object_id, OBJECT_ID_CHARS_MAX),
         bounded(outcome, OUTCOME_CHARS_MAX),
     )

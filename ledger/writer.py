@@ -43,6 +43,7 @@ batches) is drained in batches of up to this many: a statement's fixed cost
 # SQLSTATE classes after which a statement may or may not have committed:
 # connection exceptions, operator intervention (shutdown), resources, system.
 _UNCERTAIN_SQLSTATE_CLASSES = ("08", "53", "57", "58", "XX")
+_RETRYABLE_SQLSTATE_CLASSES = ("40", "55")
 
 
 class Committed(msgspec.Struct, frozen=True, gc=False):
@@ -62,13 +63,28 @@ Outcome = Committed | KeyTaken
 
 
 class CommitFailed(Exception):
-    def __init__(self, message: str, *, definite: bool) -> None:
+    """The write failed. `definite`: nothing was written. `refused`: and
+    Postgres refused the entry itself (a constraint or data error, not a lost
+    connection or a retryable conflict): a bug, not an outage."""
+
+    def __init__(self, message: str, *, definite: bool, refused: bool = False) -> None:
         super().__init__(message)
         self.definite = definite
+        self.refused = refused
 
 
 class QueueFull(Exception):
     """More entries wait than QUEUE_ENTRIES_MAX. Nothing was sent."""
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """True when Postgres refused the statement for what it said: not an
+    uncertain failure, and not one a retry may cure (serialization failure,
+    deadlock, lock timeout)."""
+    if not is_definite_failure(exc):
+        return False
+    sqlstate = getattr(exc, "sqlstate", None) or "XX000"
+    return not sqlstate.startswith(_RETRYABLE_SQLSTATE_CLASSES)
 
 
 def is_definite_failure(exc: BaseException) -> bool:
@@ -110,7 +126,9 @@ async def _outcomes(
             if entry.idempotency_key is not None:
                 holder = await repo.entry_by_wallet_key(conn, entry.wallet_id, entry.idempotency_key)
             if holder is None:
-                raise CommitFailed(f"entry {entry.id} was refused for an unknown conflict", definite=True)
+                raise CommitFailed(
+                    f"entry {entry.id} was refused for an unknown conflict", definite=True, refused=True
+                )
             outcomes.append(KeyTaken(holder))
     return outcomes
 
@@ -279,8 +297,9 @@ class LedgerWriter:
                         )
                         return None
                 return conn
-            log.warning("ledger refused entry %s: %r", entries[0].id, exc)
-            _fail(batch, CommitFailed(repr(exc), definite=True))
+            refused = exc.refused if isinstance(exc, CommitFailed) else is_refusal(exc)
+            log.error("ledger refused entry %s: %r", entries[0].id, exc)
+            _fail(batch, CommitFailed(repr(exc), definite=True, refused=refused))
             return conn
         if self._observe_batch is not None:
             self._observe_batch(len(batch))

@@ -41,6 +41,16 @@ class InsufficientFunds(CentimeError):
     title = "Insufficient funds"
 
 
+class LedgerRefused(CentimeError):
+    """Postgres refused a ledger entry for what it said (a constraint or data
+    error): a bug, not an outage, so no 503 that invites a retry. The charge
+    was undone in Redis."""
+
+    status = 500
+    code = "internal_error"
+    title = "Internal error"
+
+
 class BalanceTooLarge(CentimeError):
     status = 400
     code = "invalid_request"

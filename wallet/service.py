@@ -52,6 +52,7 @@ from wallet.errors import (
     IdempotencyConflict,
     IdempotencyKeyReversed,
     InsufficientFunds,
+    LedgerRefused,
     RequestInProgress,
     WalletExists,
     WalletFrozen,
@@ -670,6 +671,10 @@ class Wallets:
                 await self._compensate(charge)
             else:
                 await self._abandon(charge)
+            if exc.refused:  # a bug, not an outage: 500, and a retry will not cure it
+                raise LedgerRefused(
+                    "the ledger refused the entry; it was logged, nothing was charged"
+                ) from exc
             raise Unavailable("the ledger did not commit the entry; nothing was charged") from exc
         finally:
             self._charges.pop(entry.id, None)

@@ -13,7 +13,7 @@ import httpx
 import msgspec
 import pytest
 import redis.asyncio as redis
-from conftest import Keys, Server, auth, free_port, make_keys, start_server, stop_server
+from conftest import Keys, Server, auth, free_port, make_keys, new_wallet, start_server, stop_server
 
 from centime.settings import Settings
 from centime.wire import STORAGE_DOWN_DETAIL, problem_answer, storage_unavailable
@@ -85,11 +85,16 @@ async def test_redis_refusals_are_500_and_a_closed_port_503(settings: Settings) 
 
 @pytest.fixture
 async def refusing_server(settings: Settings, private_database: str) -> AsyncIterator[tuple[Server, Keys]]:
-    """A server whose database refuses wallets of owner 'refused' (a CHECK added
-    for the test): the refusal is Postgres's own."""
+    """A server whose database refuses wallets of owner 'refused' and ledger
+    entries described 'refused' (CHECKs added for the test): the refusals are
+    Postgres's own."""
     conn = await asyncpg.connect(private_database)
     try:
         await conn.execute("ALTER TABLE wallets ADD CONSTRAINT refuse_owner CHECK (owner_id <> 'refused')")
+        await conn.execute(
+            "ALTER TABLE journal_entries ADD CONSTRAINT refuse_entry"
+            " CHECK (description IS DISTINCT FROM 'refused')"
+        )
     finally:
         await conn.close()
     own = msgspec.structs.replace(
@@ -130,3 +135,45 @@ async def test_a_constraint_error_over_http_is_500_counted_not_503(
             "/v1/wallets", json={"owner_id": "fine", "currency": "usd"}, headers=auth(keys.admin)
         )
         assert fine.status_code == 201, fine.text
+
+
+async def test_a_debit_the_ledger_refuses_is_500_and_undone_not_503(
+    refusing_server: tuple[Server, Keys],
+) -> None:
+    """The debit path's own refusal: the Lua script charged Redis, the ledger
+    refused the entry. The charge is undone and the answer is 500, not the
+    503 that would invite retries forever; a batch item says the same."""
+    server, keys = refusing_server
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=10) as http:
+        wallet_id = await new_wallet(http, keys, funded_micros=5_000)
+        before = internal_errors((await http.get("/metrics")).text)
+        refused = await http.post(
+            f"/v1/wallets/{wallet_id}/debits",
+            json={"amount_micros": 1_000, "description": "refused"},
+            headers=auth(keys.debit, "refused-1"),
+        )
+        assert refused.status_code == 500, refused.text
+        assert refused.json()["code"] == "internal_error"
+        assert "refuse_entry" not in refused.text
+        batch = await http.post(
+            "/v1/debits/batch",
+            json={
+                "debits": [
+                    {
+                        "wallet_id": wallet_id,
+                        "amount_micros": 1_000,
+                        "idempotency_key": "b-1",
+                        "description": "refused",
+                    },
+                    {"wallet_id": wallet_id, "amount_micros": 1_000, "idempotency_key": "b-2"},
+                ]
+            },
+            headers=auth(keys.debit, "batch-1"),
+        )
+        assert batch.status_code == 200, batch.text
+        items = batch.json()["results"]
+        assert [item["status"] for item in items] == [500, 201], items
+        assert items[0]["problem"]["code"] == "internal_error"
+        assert internal_errors((await http.get("/metrics")).text) >= before + 2
+        wallet = (await http.get(f"/v1/wallets/{wallet_id}", headers=auth(keys.read))).json()
+        assert wallet["balance_micros"] == 4_000, wallet  # only the batch's fine debit is charged

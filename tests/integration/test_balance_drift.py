@@ -3,8 +3,9 @@ find_drift reports a wallet whose Redis balance stayed apart from its ledger bal
 asked, sets it to the ledger's (repair_balance.lua); it leaves alone a wallet with a charge in
 flight (its own entry in the partition outbox or abandoned hash, as drift_probe.lua sees it),
 one whose balance moved between its two passes, and one with a fresh reversal, and never repairs
-one with a pending credit or a committed change Redis has not applied yet; a charge that was in
-flight when probed and commits before the repair is never handed back; the scripts answer
+one with a pending credit or a committed change Redis has not applied yet; a debit that races
+the check (charged before the ledger read, committed after it or before the repair) is never
+handed back; the scripts answer
 repaired, moved and missing, and the probe says busy."""
 
 from __future__ import annotations
@@ -246,40 +247,51 @@ async def test_another_wallets_charge_in_the_partition_does_not_block_a_repair(h
 async def test_a_charge_in_flight_when_probed_is_never_handed_back(
     harness: Harness, monkeypatch: pytest.MonkeyPatch, commit_at: str
 ) -> None:
-    """An orphaned debit (its worker died) sits in the outbox through both passes; the sweeper
-    commits and trims it just after the drift check read the ledger (or just before the repair).
-    Setting Redis to the ledger read before that commit would refund the debit."""
+    """A wallet truly drifted passes the probe (nothing in flight). Then a debit races the
+    check: charged in Redis just before the ledger is read and committed just after it (or
+    charged and committed just before the repair). Setting Redis to the ledger balance read
+    before that commit would hand the debit back; repair_balance.lua must see the wallet
+    moved. The hooks are asserted to have run, so the race is the one described."""
     h = harness
     wallet_id = await new_wallet(h)
-    _, _, outbox_id = await charge_in_flight(h, wallet_id, 1_000)
-    committed: list[uuid.UUID] = []
+    tampered = FUNDS + 42
+    await tamper(h, wallet_id, tampered)
+    raced: list[str] = []
 
-    async def sweeper_commits() -> None:
-        if not committed:
-            committed.append(await commit_from_outbox(h, wallet_id, outbox_id, balance_micros=FUNDS - 1_000))
+    async def debit_races() -> None:
+        _, _, outbox_id = await charge_in_flight(h, wallet_id, 1_000)
+        raced.append("charged")
+        # The sweeper (or the writer) commits it with Redis's balance after the charge.
+        await commit_from_outbox(h, wallet_id, outbox_id, balance_micros=tampered - 1_000)
+        raced.append("committed")
 
     if commit_at == "ledger read":
         read_ledger = wallet_repo.wallet_for_cache
 
-        async def read_then_commit(conn: asyncpg.Connection, wid: uuid.UUID):  # type: ignore[no-untyped-def]
-            cached = await read_ledger(conn, wid)
-            await sweeper_commits()
+        async def read_amid_a_debit(conn: asyncpg.Connection, wid: uuid.UUID):  # type: ignore[no-untyped-def]
+            if raced:  # once: ledger_of below reads through the same function
+                return await read_ledger(conn, wid)
+            _, _, outbox_id = await charge_in_flight(h, wallet_id, 1_000)
+            raced.append("charged")
+            cached = await read_ledger(conn, wid)  # before the debit's commit
+            await commit_from_outbox(h, wallet_id, outbox_id, balance_micros=tampered - 1_000)
+            raced.append("committed")
             return cached
 
-        monkeypatch.setattr(maintenance.repo, "wallet_for_cache", read_then_commit)
+        monkeypatch.setattr(maintenance.repo, "wallet_for_cache", read_amid_a_debit)
     else:
         repair_balance = h.cache.repair_balance
 
-        async def commit_then_repair(wid: uuid.UUID, probe: DriftProbe, *, ledger_micros: int) -> str:
-            await sweeper_commits()
+        async def debit_then_repair(wid: uuid.UUID, probe: DriftProbe, *, ledger_micros: int) -> str:
+            await debit_races()
             return await repair_balance(wid, probe, ledger_micros=ledger_micros)
 
-        monkeypatch.setattr(h.cache, "repair_balance", commit_then_repair)
+        monkeypatch.setattr(h.cache, "repair_balance", debit_then_repair)
     checked, drifts = await drift(h, repair=True)
-    await sweeper_commits()  # whether or not the check got that far
-    assert (checked, [d for d in drifts if d.repaired]) == (1, [])
+    assert raced == ["charged", "committed"]  # the race happened inside the check
+    assert (checked, drifts) == (1, [found(wallet_id, tampered, FUNDS, repaired=False)])
     assert await ledger_of(h, wallet_id) == (FUNDS - 1_000, 1)
-    assert (await state(h, wallet_id))["b"] == str(FUNDS - 1_000)  # charged once, not refunded
+    assert (await state(h, wallet_id))["b"] == str(tampered - 1_000)  # charged once, not handed back
 
 
 @pytest.mark.parametrize("field", ["b", "p", "q"])

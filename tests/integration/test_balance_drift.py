@@ -5,8 +5,7 @@ flight (its own entry in the partition outbox or abandoned hash, as drift_probe.
 one whose balance moved between its two passes, and one with a fresh reversal, and never repairs
 one with a pending credit or a committed change Redis has not applied yet; a debit that races
 the check (charged before the ledger read, committed after it or before the repair) is never
-handed back; the scripts answer
-repaired, moved and missing, and the probe says busy."""
+handed back; the scripts answer repaired, moved and missing, and the probe says busy."""
 
 from __future__ import annotations
 

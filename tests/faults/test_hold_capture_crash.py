@@ -270,7 +270,6 @@ async def test_a_capture_killed_mid_commit_is_settled_by_the_sweeper(
         for wallet_id, hold_id, case in zip(wallet_ids, hold_ids, CASES, strict=True):
             found = ledger.get(f"hold:{hold_id}", [])
             standing = [e for e in found if e.reversed_by is None]
-            assert len(found) <= 1, found
             charged = bool(standing)
             if found:
                 assert str(found[0].id) == entry_ids[hold_id]

@@ -15,6 +15,8 @@ import pytest
 from conftest import STRIPE_WEBHOOK_SECRET, Keys, Server, auth, new_wallet
 from stripe_support import FakeStripe, make_dispute, make_event, pay, sign, stripe_client
 
+from centime.settings import Settings
+
 CREDIT_WAIT_S = 15.0
 
 
@@ -260,8 +262,20 @@ async def test_a_dispute_freezes_withholds_then_settles(
     assert spend.status_code == 201, spend.text
 
 
+async def event_stored(database_url: str | None, event_type: str, object_id: str) -> bool:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return bool(
+            await conn.fetchval(
+                "SELECT count(*) FROM stripe_events WHERE type = $1 AND object_id = $2", event_type, object_id
+            )
+        )
+    finally:
+        await conn.close()
+
+
 async def test_a_dispute_before_the_success_event_credits_first(
-    http: httpx.AsyncClient, keys: Keys, fake_stripe: FakeStripe
+    http: httpx.AsyncClient, keys: Keys, fake_stripe: FakeStripe, stripe_settings: Settings
 ) -> None:
     """Stripe is read back: the dispute's payment is credited, then withheld."""
     wallet_id = await new_wallet(http, keys)
@@ -273,7 +287,11 @@ async def test_a_dispute_before_the_success_event_credits_first(
     response = await post_event(http, make_event("charge.dispute.closed", closed))
     assert response.status_code == 200, response.text
     assert "credited 3000000 micros" in response.json()["outcome"]
-    await asyncio.sleep(1.5)  # the fake's own succeeded event arrives: nothing more
+    # The fake's own succeeded event arrives afterwards, and changes nothing.
+    payment_intent = topup["payment_intent_id"]
+    await wait_for(
+        lambda: event_stored(stripe_settings.database_url, "payment_intent.succeeded", payment_intent)
+    )
     wallet = (await http.get(f"/v1/wallets/{wallet_id}", headers=auth(keys.read))).json()
     assert (wallet["status"], wallet["balance_micros"]) == ("active", 0)
 

@@ -32,6 +32,9 @@ from wallet.schemas import CreateWallet, EntryPayload
 from wallet.service import Wallets, request_hash, settling, undo
 from wallet.sweeper import sweep_once
 
+POLLS_MAX = 500
+"""Polls of 10 ms for a condition a test waits on: 5 s, then it fails."""
+
 
 class Harness(msgspec.Struct):
     pool: asyncpg.Pool
@@ -347,14 +350,22 @@ async def test_a_batch_commits_its_charges_before_its_slow_lookups(harness: Harn
         poor = await funded_wallet(wallets, 10)
         held = [await harness.pool.acquire() for _ in range(4)]  # the whole pool, for a while
 
-        async def release_later() -> None:
-            await asyncio.sleep(1.0)
-            for conn in held:
-                await harness.pool.release(conn)
-
-        async def sweep_meanwhile() -> object:
-            await asyncio.sleep(0.5)
-            return await sweep_once(sweeper_pool, harness.cache, harness.settings, grace_ms=100)
+        async def sweep_then_release() -> object:
+            """Once the batch has charged (and so waits at its lookups), and
+            its charge is older than the sweeper's grace: sweep, then let the
+            lookups have the pool."""
+            try:
+                for _ in range(POLLS_MAX):
+                    if await redis_balance(harness, rich) == 9_000:
+                        break
+                    await asyncio.sleep(0.01)
+                else:
+                    raise AssertionError("the batch never charged")
+                await asyncio.sleep(0.3)  # past the 100 ms grace below
+                return await sweep_once(sweeper_pool, harness.cache, harness.settings, grace_ms=100)
+            finally:
+                for conn in held:
+                    await harness.pool.release(conn)
 
         batch = CreateBatch(
             debits=[
@@ -362,10 +373,8 @@ async def test_a_batch_commits_its_charges_before_its_slow_lookups(harness: Harn
                 BatchDebit(wallet_id=poor, amount_micros=1_000, idempotency_key="b"),
             ]
         )
-        results, _, swept = await asyncio.gather(
-            wallets.post_batch(batch, idempotency_key=secrets.token_hex(8)),
-            release_later(),
-            sweep_meanwhile(),
+        results, swept = await asyncio.gather(
+            wallets.post_batch(batch, idempotency_key=secrets.token_hex(8)), sweep_then_release()
         )
         assert [r.status for r in results] == [201, 402], results
         assert swept.settled == 0, swept  # type: ignore[attr-defined]

@@ -30,7 +30,10 @@ from wallet.tick_client import Script, TickClient
 
 TIMEOUT_S = 2.0
 SHORT_TIMEOUT_S = 0.2
-SHORT_TIMEOUT_LATE_S_MAX = 0.6  # a short timeout must be reported within this of the call
+SHORT_TIMEOUT_LATE_S_MAX = 1.5
+"""A short timeout must be reported within this of the call. A stalled Redis
+never answers, so a timeout not honoured hangs for good; room above the 0.2 s
+for a loaded 2-core machine, and below TIMEOUT_S, so no other timer passes."""
 PROMPT_S_MAX = 1.0  # "promptly": well under TIMEOUT_S, so no timer was needed
 START_S_MAX = 10.0
 CONCURRENT_INCRS = 2_000

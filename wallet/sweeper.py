@@ -33,7 +33,7 @@ import redis.exceptions
 
 from centime.settings import Settings
 from ledger import repo as ledger_repo
-from ledger.writer import Committed, Outcome, is_definite_failure, write_with_reversal
+from ledger.writer import Committed, Outcome, is_refusal, write_with_reversal
 from wallet.cache import Cache, Settling
 from wallet.changes import drain_changes
 from wallet.holds import drain_events, expire_due
@@ -191,7 +191,7 @@ async def _settle_abandoned(
         async with pool.acquire(timeout=timeout_s) as conn:
             outcome = await write_with_reversal(conn, entry, timeout_s=timeout_s)
     except Exception as exc:
-        if not is_definite_failure(exc):
+        if not is_refusal(exc):  # a deadlock or lock timeout: the next pass tries again
             raise
         log.error("sweeper: the ledger refuses entry %s (%r); undoing its charge", entry.id, exc)
         report.refused += 1

@@ -233,6 +233,66 @@ def _payload(wallet_id: uuid.UUID, key: str) -> EntryPayload:
     )
 
 
+async def test_an_orphan_the_ledger_refuses_is_undone_and_counted_refused(harness: Harness) -> None:
+    good, good_writer = harness.wallets()
+    wallet_id = await funded_wallet(good, 1_000)
+    await good_writer.stop()
+    async with harness.pool.acquire() as conn:  # Postgres's own refusal, for this test's database
+        await conn.execute(
+            "ALTER TABLE journal_entries ADD CONSTRAINT refuse_entry CHECK (idempotency_key <> 'refused')"
+        )
+    await good._charge(_payload(wallet_id, "refused"))
+    assert await redis_balance(harness, wallet_id) == 900
+    report = await sweep_once(harness.pool, harness.cache, harness.settings, grace_ms=0)
+    assert (report.refused, report.abandoned_refunded, report.orphans_reversed) == (1, 1, 0), report
+    assert await redis_balance(harness, wallet_id) == 1_000 == await ledger_balance(harness, wallet_id)
+    assert await kinds(harness, wallet_id) == ["credit"]
+    assert (await sweep_once(harness.pool, harness.cache, harness.settings, grace_ms=0)).settled == 0
+
+
+async def test_an_orphan_whose_key_the_ledger_holds_for_another_entry_is_refunded(harness: Harness) -> None:
+    """Redis forgot the key, a second charge of it was orphaned: the ledger's
+    holder stands, the orphan is undone and its key left to the holder."""
+    good, good_writer = harness.wallets()
+    wallet_id = await funded_wallet(good, 1_000)
+    await debit(good, wallet_id, "twice")
+    await good_writer.stop()
+    await harness.cache.client.delete(harness.cache.idempotency_key(wallet_id, "twice"))
+    await good._charge(_payload(wallet_id, "twice"))
+    assert await redis_balance(harness, wallet_id) == 800
+    report = await sweep_once(harness.pool, harness.cache, harness.settings, grace_ms=0)
+    assert (report.abandoned_refunded, report.orphans_reversed, report.refused) == (1, 0, 0), report
+    assert await redis_balance(harness, wallet_id) == 900 == await ledger_balance(harness, wallet_id)
+    assert await kinds(harness, wallet_id) == ["credit", "debit"]
+
+
+async def test_an_unreadable_outbox_entry_is_counted_and_does_not_stop_the_pass(harness: Harness) -> None:
+    good, good_writer = harness.wallets()
+    wallet_id = await funded_wallet(good, 1_000)
+    await good_writer.stop()
+    outbox = harness.cache.outbox_key(harness.cache.partition(wallet_id))
+    await harness.cache.client.xadd(outbox, {"e": b"not a payload", "b": b"x"})
+    await good._charge(_payload(wallet_id, "readable"))
+    report = await sweep_once(harness.pool, harness.cache, harness.settings, grace_ms=0)
+    assert (report.unreadable, report.orphans_reversed) == (1, 1), report
+    assert await redis_balance(harness, wallet_id) == 1_000 == await ledger_balance(harness, wallet_id)
+
+
+async def test_a_pass_settles_at_most_sweeper_batch_max_orphans(harness: Harness) -> None:
+    good, good_writer = harness.wallets()
+    wallet_id = await funded_wallet(good, 1_000)
+    await good_writer.stop()
+    for n in range(5):
+        await good._charge(_payload(wallet_id, f"orphan-{n}"))
+    bounded = msgspec.structs.replace(harness.settings, sweeper_batch_max=3)
+    passes = [
+        (await sweep_once(harness.pool, harness.cache, bounded, grace_ms=0)).orphans_reversed
+        for _ in range(3)
+    ]
+    assert passes == [3, 2, 0]
+    assert await redis_balance(harness, wallet_id) == 1_000 == await ledger_balance(harness, wallet_id)
+
+
 async def test_rebuild_cache_restores_balances_and_recent_keys(harness: Harness) -> None:
 
     good, good_writer = harness.wallets()

@@ -207,7 +207,7 @@ class KeyStore:
         self._known: OrderedDict[bytes, _Known] = OrderedDict()
         self._unknown: OrderedDict[bytes, None] = OrderedDict()
         self._misses = TokenBucket(UNKNOWN_LOOKUPS_PER_S, UNKNOWN_LOOKUPS_BURST)
-        self._in_flight: dict[bytes, asyncio.Task[ApiKey | None]] = {}
+        self._in_flight: dict[bytes, asyncio.Task[_Known | None]] = {}
         self._writes: set[asyncio.Task[None]] = set()
         self._polled_at: datetime | None = None
         self._poll_failing = False
@@ -218,22 +218,24 @@ class KeyStore:
         digest = _sha256(secret)
         now = time.monotonic()
         known = self._known.get(digest)
-        if known is not None:
-            if known.expires_at <= now:
-                return await self._look_up(digest)  # a key seen before: no rate bound
+        if known is not None and known.expires_at > now:
             self._known.move_to_end(digest)
-            day = int(time.time() // SECONDS_PER_DAY)
-            if known.used_day < day:
-                self._record_use(known, day)
-            return known.key
-        if digest in self._unknown:
+        elif known is None and digest in self._unknown:
             self._unknown.move_to_end(digest)
             return None
-        if digest not in self._in_flight and not self._misses.take(now):
-            return None
-        return await self._look_up(digest)
+        else:
+            # Expired, or in neither cache: only the latter count against the rate.
+            if known is None and digest not in self._in_flight and not self._misses.take(now):
+                return None
+            known = await self._look_up(digest)
+            if known is None:
+                return None
+        day = int(time.time() // SECONDS_PER_DAY)
+        if known.used_day < day:
+            self._record_use(known, day)
+        return known.key
 
-    async def _look_up(self, digest: bytes) -> ApiKey | None:
+    async def _look_up(self, digest: bytes) -> _Known | None:
         """One query per key however many requests wait for it."""
         task = self._in_flight.get(digest)
         if task is None:
@@ -242,28 +244,27 @@ class KeyStore:
             task.add_done_callback(lambda done: self._looked_up(digest, done))
         return await asyncio.shield(task)
 
-    async def _query(self, digest: bytes) -> ApiKey | None:
+    async def _query(self, digest: bytes) -> _Known | None:
         self.lookups += 1
         async with self._pool.acquire(timeout=self._timeout_s) as conn:
             row = await conn.fetchrow(Q["api_key_by_hash"], digest, timeout=self._timeout_s)
         if row is None:
             self._forget(digest)
             return None
-        key = _key(row)
-        self._remember(digest, key, row["last_used_on"])
-        return key
+        return self._remember(digest, _key(row), row["last_used_on"])
 
-    def _looked_up(self, digest: bytes, task: asyncio.Task[ApiKey | None]) -> None:
+    def _looked_up(self, digest: bytes, task: asyncio.Task[_Known | None]) -> None:
         self._in_flight.pop(digest, None)
         if not task.cancelled() and task.exception() is not None:
             log.warning("API key lookup failed: %r", task.exception())
 
-    def _remember(self, digest: bytes, key: ApiKey, used_on: date | None) -> None:
+    def _remember(self, digest: bytes, key: ApiKey, used_on: date | None) -> _Known:
         self._unknown.pop(digest, None)
-        self._known[digest] = _Known(key, time.monotonic() + self._ttl_s, used_on)
+        known = self._known[digest] = _Known(key, time.monotonic() + self._ttl_s, used_on)
         self._known.move_to_end(digest)
         while len(self._known) > KNOWN_KEYS_MAX:
             self._known.popitem(last=False)
+        return known
 
     def _forget(self, digest: bytes) -> None:
         """Unknown or revoked: answered 401 from now on, without a lookup."""

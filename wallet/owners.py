@@ -40,12 +40,19 @@ class WalletOwners:
         while len(self._owners) > self._entries_max:
             self._owners.popitem(last=False)
 
+    def known_in_reach(self, wallet_id: uuid.UUID, owner_ids: frozenset[str]) -> bool:
+        """True if the wallet is remembered and one of `owner_ids` owns it:
+        the debit path's check, with no await. False says nothing (ask in_reach)."""
+        owner = self._owners.get(wallet_id)
+        if owner is None:
+            return False
+        self._owners.move_to_end(wallet_id)
+        return owner in owner_ids
+
     async def in_reach(self, wallet_id: uuid.UUID, owner_ids: frozenset[str]) -> bool:
         """Whether the wallet exists and one of `owner_ids` owns it."""
-        owner = self._owners.get(wallet_id)
-        if owner is not None:
-            self._owners.move_to_end(wallet_id)
-            return owner in owner_ids
+        if wallet_id in self._owners:
+            return self.known_in_reach(wallet_id, owner_ids)
         return wallet_id in await self.reachable([wallet_id], owner_ids)
 
     async def reachable(self, wallet_ids: Iterable[uuid.UUID], owner_ids: frozenset[str]) -> set[uuid.UUID]:

@@ -331,7 +331,9 @@ class Wallets:
         started = time.perf_counter()
         try:
             refuse_reserved_key(idempotency_key, "Idempotency-Key")
-            if owner_ids is not None:  # a key of every owner pays nothing for the check
+            # A key of every owner pays nothing for the check; a key with
+            # owners, a dict lookup once its wallet is remembered.
+            if owner_ids is not None and not self.owners.known_in_reach(wallet_id, owner_ids):
                 await self.check_reach(wallet_id, owner_ids)
             payload = EntryPayload(
                 id=uuid7(),

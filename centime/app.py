@@ -211,6 +211,16 @@ def redis_client(url: str, settings: Settings) -> redis.Redis:
     return redis.Redis(connection_pool=pool)
 
 
+async def _key_store(pool: asyncpg.Pool, settings: Settings, timeout_s: float) -> KeyStore:
+    """The process's API key cache, holding the keys used lately."""
+    key_store = KeyStore(pool, ttl_s=settings.api_key_cache_ttl_s, timeout_s=timeout_s)
+    try:
+        log.info("cached %d API keys used lately", await key_store.warm())
+    except STORAGE_ERRORS as exc:  # they are looked up on first use instead
+        log.warning("could not cache the API keys used lately: %r", exc)
+    return key_store
+
+
 def serve_app() -> ASGIApp:
     """What `centime serve` serves: the app, with the fast debit path in front."""
     settings = load_settings()
@@ -259,11 +269,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         )
         wallets = Wallets(pool=pool, cache=cache, writer=writer, settings=settings)
         gateway = stripe_gateway(settings)
-        key_store = KeyStore(pool, ttl_s=settings.api_key_cache_ttl_s, timeout_s=timeout_s)
-        try:
-            log.info("cached %d API keys used lately", await key_store.warm())
-        except STORAGE_ERRORS as exc:  # they are looked up on first use instead
-            log.warning("could not cache the API keys used lately: %r", exc)
+        key_store = await _key_store(pool, settings, timeout_s)
         app.state.update(
             pool=pool,
             cache=cache,
@@ -287,14 +293,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 metrics.outbox_depth.set(depth)
 
             sweeper = asyncio.create_task(run_sweeper(pool, cache, settings, stop=stop, on_pass=on_pass))
-        revocations = asyncio.create_task(key_store.watch_revocations(stop))
+        key_store.watch(stop)
         try:
             yield
         finally:
             stop.set()
             if sweeper is not None:
                 await sweeper
-            await revocations
             await key_store.close()
             await writer.stop()
             if gateway is not None:

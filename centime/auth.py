@@ -209,6 +209,7 @@ class KeyStore:
         self._misses = TokenBucket(UNKNOWN_LOOKUPS_PER_S, UNKNOWN_LOOKUPS_BURST)
         self._in_flight: dict[bytes, asyncio.Task[_Known | None]] = {}
         self._writes: set[asyncio.Task[None]] = set()
+        self._watcher: asyncio.Task[None] | None = None
         self._polled_at: datetime | None = None
         self._poll_failing = False
         self.lookups = 0
@@ -345,8 +346,14 @@ class KeyStore:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), REVOCATION_POLL_S)
 
+    def watch(self, stop: asyncio.Event) -> None:
+        """Watch revocations in the background until `stop`; close() waits for it."""
+        self._watcher = asyncio.create_task(self.watch_revocations(stop))
+
     async def close(self) -> None:
-        """Wait (bounded) for the last-used writes in flight."""
+        """Wait for the watcher (once `stop` is set) and, bounded, for the last-used writes in flight."""
+        if self._watcher is not None:
+            await self._watcher
         if self._writes:
             await asyncio.wait(list(self._writes), timeout=self._timeout_s)
 

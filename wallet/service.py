@@ -388,15 +388,7 @@ class Wallets:
         ]
         answers: list[BatchItem | None] = [None] * len(payloads)
         charges: dict[int, Charge] = {}
-        waiting: list[int] = []
-        for i, payload in enumerate(payloads):
-            try:
-                refuse_reserved_key(payload.idempotency_key, f"debits[{i}].idempotency_key")
-                waiting.append(i)
-            except InvalidRequest as exc:
-                answers[i] = _problem_item(exc)
-        if owner_ids is not None:
-            waiting = await self._refuse_out_of_reach(payloads, waiting, answers, owner_ids)
+        waiting = await self._admit(payloads, answers, owner_ids)
         groups: list[_Group] = []
         missing: list[int] = []
         for attempt in range(2):  # the second only for wallets missing from Redis, once loaded
@@ -430,20 +422,25 @@ class Wallets:
         invariant(all(a is not None for a in answers), "every batch item has an answer")
         return [a for a in answers if a is not None]
 
-    async def _refuse_out_of_reach(
-        self,
-        payloads: list[EntryPayload],
-        indexes: list[int],
-        answers: list[BatchItem | None],
-        owner_ids: frozenset[str],
+    async def _admit(
+        self, payloads: list[EntryPayload], answers: list[BatchItem | None], owner_ids: OwnerIds
     ) -> list[int]:
-        """Answer the items on wallets outside `owner_ids` as a missing
-        wallet's item is answered; returns the others."""
-        reachable = await self.owners.reachable((payloads[i].wallet_id for i in indexes), owner_ids)
-        for i in indexes:
+        """The items to charge. The others are answered here: a reserved
+        key, and a wallet outside `owner_ids` (as a missing wallet's item)."""
+        admitted: list[int] = []
+        for i, payload in enumerate(payloads):
+            try:
+                refuse_reserved_key(payload.idempotency_key, f"debits[{i}].idempotency_key")
+                admitted.append(i)
+            except InvalidRequest as exc:
+                answers[i] = _problem_item(exc)
+        if owner_ids is None:
+            return admitted
+        reachable = await self.owners.reachable((payloads[i].wallet_id for i in admitted), owner_ids)
+        for i in admitted:
             if payloads[i].wallet_id not in reachable:
                 answers[i] = _problem_item(WalletNotFound(f"no wallet {payloads[i].wallet_id}"))
-        return [i for i in indexes if answers[i] is None]
+        return [i for i in admitted if answers[i] is None]
 
     async def _charge_batch(
         self, payloads: list[EntryPayload], indexes: list[int], answers: list[BatchItem | None]

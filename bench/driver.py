@@ -207,7 +207,7 @@ async def measure(database_url: str, redis_url: str, seconds: int, wallets: int,
                 say(f"mix (locust): {mix.rps:,.0f}/s, p99 {mix.p99_ms:.0f} ms; {left} in flight after")
             # The naive peer starts from the ledger's balances (so it runs last
             # against the server: its debits are not in Redis).
-            async with pool.acquire() as conn:
+            async with pool.acquire(timeout=scenarios.BENCH_ACQUIRE_TIMEOUT_S) as conn:
                 await conn.execute(Q["naive_schema"])
                 await conn.execute(Q["naive_load"], ids, system_account_id("revenue", "usd"))
             for name, wallets_file in (("naive_hot", hot_file), ("naive", spread_file)):

@@ -42,6 +42,8 @@ WRK_THREADS = 1
 """One wrk thread saturates the service and leaves the second core to it."""
 WRK_TIMEOUT_S = 10
 QUIESCE_WAIT_S = 60.0
+BENCH_ACQUIRE_TIMEOUT_S = 60.0
+"""How long the bench waits for a pooled connection."""
 """How long the ledger may take to settle what a run left in flight."""
 LEDGER_IN_FLIGHT_MAX = 2_048
 """Entries the ledger-writer measurement keeps submitted at once."""
@@ -142,7 +144,7 @@ async def verify(pool: asyncpg.Pool, cache: Cache, *, run: str, keys_out: Path) 
     """Match a run's 2xx answers with the ledger, then `centime check`."""
     left = await quiesce(cache)
     answered = answered_keys(keys_out)
-    async with pool.acquire() as conn:
+    async with pool.acquire(timeout=BENCH_ACQUIRE_TIMEOUT_S) as conn:
         rows = await conn.fetch(Q["run_debits"], f"{run}-%")
     standing = {row["idempotency_key"] for row in rows if row["reversals"] == 0}
     report = await check(pool, cache)

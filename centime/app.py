@@ -30,7 +30,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from centime import metrics
-from centime.auth import KeyStore, require_scope
+from centime.auth import KeyStore, check_route_scopes, require_scope
 from centime.errors import CentimeError
 from centime.fast_debits import fast_debits
 from centime.settings import Settings, load_settings
@@ -145,6 +145,11 @@ async def _topups(state: State) -> TopUps:
     return state.topups
 
 
+def _owner_ids(request: Request) -> frozenset[str] | None:
+    """The owners whose wallets the request's API key sees (None: every owner)."""
+    return request.scope["state"]["api_key"].owner_ids
+
+
 def stripe_gateway(settings: Settings) -> StripeGateway | None:
     """The Stripe client, or None when no secret key is set (top-ups off)."""
     if settings.stripe_secret_key is None:
@@ -206,6 +211,16 @@ def redis_client(url: str, settings: Settings) -> redis.Redis:
     return redis.Redis(connection_pool=pool)
 
 
+async def _key_store(pool: asyncpg.Pool, settings: Settings, timeout_s: float) -> KeyStore:
+    """The process's API key cache, holding the keys used lately."""
+    key_store = KeyStore(pool, ttl_s=settings.api_key_cache_ttl_s, timeout_s=timeout_s)
+    try:
+        log.info("cached %d API keys used lately", await key_store.warm())
+    except STORAGE_ERRORS as exc:  # they are looked up on first use instead
+        log.warning("could not cache the API keys used lately: %r", exc)
+    return key_store
+
+
 def serve_app() -> ASGIApp:
     """What `centime serve` serves: the app, with the fast debit path in front."""
     settings = load_settings()
@@ -254,6 +269,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         )
         wallets = Wallets(pool=pool, cache=cache, writer=writer, settings=settings)
         gateway = stripe_gateway(settings)
+        key_store = await _key_store(pool, settings, timeout_s)
         app.state.update(
             pool=pool,
             cache=cache,
@@ -261,7 +277,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             holds=Holds(wallets=wallets),
             topups=TopUps(pool=pool, cache=cache, gateway=gateway, settings=settings),
             timeout_s=timeout_s,
-            key_store=KeyStore(pool, settings.api_key_cache_ttl_s),
+            key_store=key_store,
         )
         writer.start()
         # What exists now lives as long as the process: out of the collector's
@@ -277,12 +293,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 metrics.outbox_depth.set(depth)
 
             sweeper = asyncio.create_task(run_sweeper(pool, cache, settings, stop=stop, on_pass=on_pass))
+        key_store.watch(stop)
         try:
             yield
         finally:
             stop.set()
             if sweeper is not None:
                 await sweeper
+            await key_store.close()
             await writer.stop()
             if gateway is not None:
                 await gateway.close()
@@ -290,7 +308,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await client.aclose()
             await pool.close()
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             WalletController,
             HoldController,
@@ -305,7 +323,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
         lifespan=[lifespan],
         guards=[require_scope],
         middleware=[count_requests],
-        dependencies={"wallets": Provide(_wallets), "holds": Provide(_holds), "topups": Provide(_topups)},
+        dependencies={
+            "wallets": Provide(_wallets),
+            "holds": Provide(_holds),
+            "topups": Provide(_topups),
+            "owner_ids": Provide(_owner_ids, sync_to_thread=False),
+        },
         exception_handlers={
             CentimeError: _raised_error,
             ValidationException: _validation_error,
@@ -325,3 +348,5 @@ def create_app(settings: Settings | None = None) -> Litestar:
         request_max_body_size=REQUEST_BODY_BYTES_MAX,
         debug=False,
     )
+    check_route_scopes(app)  # deny by default: an unscoped /v1 route does not start
+    return app

@@ -174,30 +174,113 @@ def api_key() -> None:
     """Manage API keys."""
 
 
+async def _with_connection(database_url: str, job: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
+    conn = await asyncpg.connect(database_url, timeout=10, command_timeout=60)
+    try:
+        return await job(conn)
+    finally:
+        await conn.close()
+
+
+def _on_database(job: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
+    with _stores(_settings()) as settings:
+        assert settings.database_url is not None
+        return _run(lambda: _with_connection(settings.database_url, job))
+
+
 @api_key.command("create")
 @click.option("--name", required=True, help="Who or what uses the key (1..128 chars).")
 @click.option("--scope", required=True, type=click.Choice(["admin", "debit", "read"]))
-def api_key_create(name: str, scope: str) -> None:
+@click.option(
+    "--owner",
+    "owner_ids",
+    multiple=True,
+    help="Repeatable (1..100): the key sees only these owners' wallets. Without it: every owner's.",
+)
+def api_key_create(name: str, scope: str, owner_ids: tuple[str, ...]) -> None:
     """Create a key; prints the key alone on stdout (details on stderr)."""
+    from centime.auth import create_api_key, valid_owner_ids
+
     if not 1 <= len(name) <= 128:
         raise click.BadParameter("1..128 characters", param_hint="--name")
-
-    async def run(database_url: str) -> tuple[Any, str]:
-        from centime.auth import create_api_key
-
-        conn = await asyncpg.connect(database_url, timeout=10)
-        try:
-            return await create_api_key(conn, name, scope)  # type: ignore[arg-type]
-        finally:
-            await conn.close()
-
-    with _stores(_settings()) as settings:
-        assert settings.database_url is not None
-        key, secret = _run(lambda: run(settings.database_url))
+    try:
+        owners = valid_owner_ids(owner_ids) if owner_ids else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--owner") from None
+    key, secret = _on_database(lambda conn: create_api_key(conn, name, scope, owners))  # type: ignore[arg-type]
+    reach = "every owner" if key.owner_ids is None else "owners " + ", ".join(sorted(key.owner_ids))
     _info(
-        f"created API key {key.id} name={key.name!r} scope={key.scope}; store it now, it is not shown again"
+        f"created API key {key.id} name={key.name!r} scope={key.scope}, seeing {reach}; "
+        "store it now, it is not shown again"
     )
     click.echo(secret)
+
+
+API_KEYS_PAGE_SIZE = 500
+API_KEYS_PAGES_MAX = 1000
+"""`api-key list` shows at most 500,000 keys."""
+
+
+@api_key.command("list")
+@click.option(
+    "--format",
+    "output",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="json: one JSON object per key and line.",
+)
+def api_key_list(output: str) -> None:
+    """List every key (never its secret): id, name, scope, owners, created,
+    the day last used, and when revoked."""
+    from centime.auth import api_keys_page
+
+    async def all_keys(conn: asyncpg.Connection) -> list[Any]:
+        found: list[Any] = []
+        for _page in range(API_KEYS_PAGES_MAX):
+            page = await api_keys_page(conn, after=found[-1].id if found else None, limit=API_KEYS_PAGE_SIZE)
+            found += page
+            if len(page) < API_KEYS_PAGE_SIZE:
+                break
+        return found
+
+    keys = _on_database(all_keys)
+    if output == "json":
+        for key in keys:
+            click.echo(msgspec.json.encode(key).decode())
+        return
+    click.echo(
+        f"{'id':<36}  {'name':<20} {'scope':<6} {'created':<10} {'last used':<10} {'revoked':<10} owners"
+    )
+    for key in keys:
+        revoked = key.revoked_at.date().isoformat() if key.revoked_at else "-"
+        used = key.last_used_on.isoformat() if key.last_used_on else "never"
+        owners = "(every owner)" if key.owner_ids is None else ",".join(key.owner_ids)
+        click.echo(
+            f"{key.id!s:<36}  {key.name[:20]:<20} {key.scope:<6} {key.created_at.date().isoformat():<10} "
+            f"{used:<10} {revoked:<10} {owners}"
+        )
+
+
+@api_key.command("revoke")
+@click.argument("key_id")
+def api_key_revoke(key_id: str) -> None:
+    """Revoke a key, for good: every serving process refuses it within a second."""
+    import uuid
+
+    from centime.auth import revoke_api_key
+
+    try:
+        parsed = uuid.UUID(key_id)
+    except ValueError:
+        raise click.BadParameter(f"{key_id!r} is not a key id (a UUID; see `centime api-key list`)") from None
+    key, revoked_now = _on_database(lambda conn: revoke_api_key(conn, parsed))
+    if key is None:
+        raise click.ClickException(f"no API key {parsed} (see `centime api-key list`)")
+    if revoked_now:
+        _info(f"revoked API key {key.id} name={key.name!r} scope={key.scope}; refused everywhere within 1 s")
+    else:
+        _info(f"API key {key.id} name={key.name!r} was already revoked at {key.revoked_at.isoformat()}")
 
 
 async def _with_pool_and_cache(

@@ -98,7 +98,7 @@ def fast_debits(app: Litestar) -> Any:
                 announced = int(value)
         try:
             state = app.state
-            await authorize(authorization or "", "debit", state.key_store)
+            key = await authorize(authorization or "", "debit", state.key_store)
             # The order of Litestar's checks: the body's size, then the header, then the body.
             body = await read_body(receive, announced)
             if idempotency_key is None:
@@ -119,6 +119,7 @@ def fast_debits(app: Litestar) -> Any:
                 idempotency_key=idempotency_key,
                 description=data.description,
                 metadata=data.metadata,
+                owner_ids=key.owner_ids,
             )
         except Exception as exc:
             await send_problem(send, exc)

@@ -42,8 +42,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     sweeper_batch_max: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 500
     # Serve POST /v1/wallets/{id}/debits in front of the framework (centime/fast_debits.py).
     fast_debits: bool = True
-    # API keys are cached in-process this long after a lookup.
-    api_key_cache_ttl_s: Annotated[int, msgspec.Meta(ge=0, le=3600)] = 10
+    # API keys are cached in-process this long after a lookup. Revocations
+    # reach every process within a second anyway (a poll): this bounds how
+    # long a revoked key lives while that poll cannot reach Postgres.
+    api_key_cache_ttl_s: Annotated[int, msgspec.Meta(ge=0, le=3600)] = 60
     log_level: Annotated[str, msgspec.Meta(pattern="^(DEBUG|INFO|WARNING|ERROR)$")] = "INFO"
     # Top-ups through Stripe. Without a secret key, the top-up routes answer 503.
     stripe_secret_key: Annotated[str, msgspec.Meta(pattern="^(sk|rk)_[A-Za-z0-9_]{1,250}$")] | None = None

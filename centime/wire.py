@@ -218,11 +218,14 @@ class Problem(msgspec.Struct, kw_only=True):
 
 PROBLEM_DESCRIPTIONS = {
     400: "invalid_request: the body, a header or a parameter is wrong; `fields` names it",
-    401: "unauthorized: no API key, or an unknown one",
+    401: "unauthorized: no API key, a malformed one (keys are `ck_` and 43 URL-safe characters), "
+    "or an unknown or revoked one",
     402: "insufficient_funds: the balance (less what holds reserve) and overdraft limit cannot cover it; "
     "`balance_micros` says what is there",
-    403: "forbidden: the key's scope does not cover this route",
-    404: "wallet_not_found, hold_not_found or topup_not_found",
+    403: "forbidden: the key's scope does not cover this route; or the key names owners and the "
+    "route creates a wallet for another owner, or shows every owner's data",
+    404: "wallet_not_found, hold_not_found or topup_not_found; for a key that names owners, also "
+    "another owner's wallet, hold or top-up, with the same body as a missing one",
     409: "wallet_exists, idempotency_conflict, request_in_progress, idempotency_key_reversed, wallet_frozen, "
     "hold_not_held (captured, released or expired) or capture_reversed",
     413: "payload_too_large: the body is over the route's limit",

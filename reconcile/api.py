@@ -1,4 +1,7 @@
-"""HTTP handlers of reconciliation runs (admin): read what the runs found."""
+"""HTTP handlers of reconciliation runs (admin): read what the runs found.
+
+A run spans every owner's wallets: a key that sees only some owners is
+refused these routes (opt "spans_owners", centime/auth.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ class ReconciliationController(Controller):
 
     @get(
         "/",
-        opt={"scope": "admin"},
+        opt={"scope": "admin", "spans_owners": True},
         summary="List reconciliation runs, newest first",
         responses=problem_responses(400, 401, 403, 503),
     )
@@ -39,7 +42,7 @@ class ReconciliationController(Controller):
 
     @get(
         "/{run_id:str}",
-        opt={"scope": "admin"},
+        opt={"scope": "admin", "spans_owners": True},
         summary="Get a reconciliation run and its items",
         responses=problem_responses(400, 401, 403, 404, 503),
     )

@@ -23,6 +23,7 @@ from topup.schemas import (
     WebhookAnswer,
 )
 from topup.service import TopUps
+from wallet.owners import OwnerIds
 from wallet.schemas import IDEMPOTENCY_KEY_CHARS_MAX
 from wallet.service import parse_wallet_id
 
@@ -63,10 +64,17 @@ class TopUpController(Controller):
         operation_class=json_body(CreateTopUp),
     )
     async def create_topup(
-        self, wallet_id: str, body: bytes, topups: TopUps, idempotency_key: OptionalIdempotencyKey = None
+        self,
+        wallet_id: str,
+        body: bytes,
+        topups: TopUps,
+        owner_ids: OwnerIds,
+        idempotency_key: OptionalIdempotencyKey = None,
     ) -> Response[TopUp]:
         data = decode_body(body, CreateTopUp)
-        topup, replayed = await topups.create_topup(parse_wallet_id(wallet_id), data, idempotency_key)
+        topup, replayed = await topups.create_topup(
+            parse_wallet_id(wallet_id), data, idempotency_key, owner_ids=owner_ids
+        )
         return Response(topup, status_code=201, headers={"Idempotent-Replayed": "true"} if replayed else None)
 
     @get(
@@ -75,8 +83,8 @@ class TopUpController(Controller):
         summary="Get a top-up",
         responses=problem_responses(401, 404, 503),
     )
-    async def get_topup(self, topup_id: str, topups: TopUps) -> TopUp:
-        return await topups.get_topup(parse_topup_id(topup_id))
+    async def get_topup(self, topup_id: str, topups: TopUps, owner_ids: OwnerIds) -> TopUp:
+        return await topups.get_topup(parse_topup_id(topup_id), owner_ids=owner_ids)
 
     @get(
         "/wallets/{wallet_id:str}/topups",
@@ -88,6 +96,7 @@ class TopUpController(Controller):
         self,
         wallet_id: str,
         topups: TopUps,
+        owner_ids: OwnerIds,
         limit: Annotated[int, Parameter(ge=1, le=PAGE_SIZE_MAX)] = PAGE_SIZE_DEFAULT,
         starting_after: str | None = None,
     ) -> TopUpPage:
@@ -95,10 +104,13 @@ class TopUpController(Controller):
             parse_wallet_id(wallet_id),
             limit=limit,
             starting_after=parse_cursor(starting_after, field="starting_after", names="a top-up id"),
+            owner_ids=owner_ids,
         )
 
     @post(
         "/webhooks/stripe",
+        # Stripe sends no API key: the signature (checked by the service) is the credential.
+        opt={"scope": "public"},
         summary="Stripe webhook endpoint (signed by Stripe; no API key)",
         status_code=200,
         responses=problem_responses(400, 503),

@@ -62,6 +62,7 @@ from wallet import repo as wallet_repo
 from wallet.cache import Cache
 from wallet.changes import apply_changes, lock_wallet, write_change
 from wallet.errors import IdempotencyConflict, WalletNotFound
+from wallet.owners import OwnerIds, WalletOwners, sees
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +215,7 @@ class TopUps:
         self._stripe = gateway
         self.settings = settings
         self._timeout_s = settings.database_timeout_ms / 1000
+        self._owners = WalletOwners(pool, timeout_s=self._timeout_s)
 
     def _gateway(self) -> StripeGateway:
         if self._stripe is None:
@@ -223,14 +225,14 @@ class TopUps:
     # Creating and reading ------------------------------------------------------
 
     async def create_topup(
-        self, wallet_id: uuid.UUID, request: CreateTopUp, idempotency_key: str | None
+        self, wallet_id: uuid.UUID, request: CreateTopUp, idempotency_key: str | None, *, owner_ids: OwnerIds
     ) -> tuple[TopUp, bool]:
         """A pending top-up with its PaymentIntent. Returns it and whether it
         is a replay of an earlier request with the same key."""
         gateway = self._gateway()
         async with self.pool.acquire(timeout=self._timeout_s) as conn:
             wallet = await wallet_repo.wallet_by_id(conn, wallet_id)
-        if wallet is None:
+        if wallet is None or not sees(owner_ids, wallet.owner_id):
             raise WalletNotFound(f"no wallet {wallet_id}")
         amount_minor = self._amount_minor(request.amount_micros, wallet.currency)
         request_hash = topup_request_hash(request.amount_micros)
@@ -303,8 +305,11 @@ class TopUps:
         async with self.pool.acquire(timeout=self._timeout_s) as conn:
             return await repo.insert_customer(conn, wallet_id, created)
 
-    async def get_topup(self, topup_id: uuid.UUID) -> TopUp:
-        return self._wire(await self._row(topup_id), with_secret=False)
+    async def get_topup(self, topup_id: uuid.UUID, *, owner_ids: OwnerIds) -> TopUp:
+        row = await self._row(topup_id)
+        if owner_ids is not None and not await self._owners.in_reach(row.wallet_id, owner_ids):
+            raise TopUpNotFound(f"no top-up {topup_id}")  # as a missing one: nothing tells it exists
+        return self._wire(row, with_secret=False)
 
     async def checkout(self, topup_id: uuid.UUID) -> repo.TopUpRow:
         """What the public checkout page shows (it holds the client secret)."""
@@ -327,11 +332,12 @@ class TopUps:
         return row
 
     async def list_topups(
-        self, wallet_id: uuid.UUID, *, limit: int, starting_after: uuid.UUID | None
+        self, wallet_id: uuid.UUID, *, limit: int, starting_after: uuid.UUID | None, owner_ids: OwnerIds
     ) -> TopUpPage:
         invariant(1 <= limit <= PAGE_SIZE_MAX, f"limit {limit} outside 1..{PAGE_SIZE_MAX}")
         async with self.pool.acquire(timeout=self._timeout_s) as conn:
-            if await wallet_repo.wallet_by_id(conn, wallet_id) is None:
+            wallet = await wallet_repo.wallet_by_id(conn, wallet_id)
+            if wallet is None or not sees(owner_ids, wallet.owner_id):
                 raise WalletNotFound(f"no wallet {wallet_id}")
             rows = await repo.topups_page(conn, wallet_id, starting_after, limit + 1)
         return TopUpPage(

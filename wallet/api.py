@@ -12,6 +12,7 @@ from litestar.params import Parameter
 from centime.errors import InvalidRequest
 from centime.wire import decode_body, json_body, parse_cursor, problem_responses
 from wallet.holds import Holds
+from wallet.owners import OwnerIds
 from wallet.schemas import (
     BATCH_BODY_BYTES_MAX,
     IDEMPOTENCY_KEY_CHARS_MAX,
@@ -43,6 +44,8 @@ IdempotencyKey = Annotated[
     ),
 ]
 REPLAYED = {"Idempotent-Replayed": "true"}
+# Every handler that touches wallets takes `owner_ids`, the owners its API key
+# sees (None: every owner), provided by the app (centime/app.py) from the key.
 
 
 def _entry_response(entry: Entry, replayed: bool) -> Response[Entry]:
@@ -60,19 +63,22 @@ class WalletController(Controller):
         operation_class=json_body(CreateWallet),
         responses=problem_responses(400, 401, 403, 409, 503),
     )
-    async def create_wallet(self, body: bytes, wallets: Wallets) -> Wallet:
-        return await wallets.create_wallet(decode_body(body, CreateWallet))
+    async def create_wallet(self, body: bytes, wallets: Wallets, owner_ids: OwnerIds) -> Wallet:
+        return await wallets.create_wallet(decode_body(body, CreateWallet), owner_ids=owner_ids)
 
     @get(
         "/",
         opt={"scope": "read"},
         summary="List an owner's wallets",
-        responses=problem_responses(400, 401, 503),
+        responses=problem_responses(400, 401, 404, 503),
     )
     async def list_wallets(
-        self, wallets: Wallets, owner_id: Annotated[str, Parameter(min_length=1, max_length=128)]
+        self,
+        wallets: Wallets,
+        owner_ids: OwnerIds,
+        owner_id: Annotated[str, Parameter(min_length=1, max_length=128)],
     ) -> WalletList:
-        return WalletList(data=await wallets.list_wallets(owner_id))
+        return WalletList(data=await wallets.list_wallets(owner_id, owner_ids=owner_ids))
 
     @get(
         "/{wallet_id:str}",
@@ -80,8 +86,8 @@ class WalletController(Controller):
         summary="Get a wallet",
         responses=problem_responses(401, 404, 503),
     )
-    async def get_wallet(self, wallet_id: str, wallets: Wallets) -> Wallet:
-        return await wallets.get_wallet(parse_wallet_id(wallet_id))
+    async def get_wallet(self, wallet_id: str, wallets: Wallets, owner_ids: OwnerIds) -> Wallet:
+        return await wallets.get_wallet(parse_wallet_id(wallet_id), owner_ids=owner_ids)
 
     @post(
         "/{wallet_id:str}/debits",
@@ -92,7 +98,12 @@ class WalletController(Controller):
         operation_class=json_body(CreateDebit),
     )
     async def create_debit(
-        self, wallet_id: str, body: bytes, wallets: Wallets, idempotency_key: IdempotencyKey
+        self,
+        wallet_id: str,
+        body: bytes,
+        wallets: Wallets,
+        idempotency_key: IdempotencyKey,
+        owner_ids: OwnerIds,
     ) -> Response[Entry]:
         data = decode_body(body, CreateDebit)
         entry, replayed = await wallets.post_entry(
@@ -102,6 +113,7 @@ class WalletController(Controller):
             idempotency_key=idempotency_key,
             description=data.description,
             metadata=data.metadata,
+            owner_ids=owner_ids,
         )
         return _entry_response(entry, replayed)
 
@@ -114,7 +126,12 @@ class WalletController(Controller):
         operation_class=json_body(CreateCredit),
     )
     async def create_credit(
-        self, wallet_id: str, body: bytes, wallets: Wallets, idempotency_key: IdempotencyKey
+        self,
+        wallet_id: str,
+        body: bytes,
+        wallets: Wallets,
+        idempotency_key: IdempotencyKey,
+        owner_ids: OwnerIds,
     ) -> Response[Entry]:
         data = decode_body(body, CreateCredit)
         entry, replayed = await wallets.post_entry(
@@ -124,6 +141,7 @@ class WalletController(Controller):
             idempotency_key=idempotency_key,
             description=data.reason,
             metadata=data.metadata,
+            owner_ids=owner_ids,
         )
         return _entry_response(entry, replayed)
 
@@ -136,7 +154,7 @@ class WalletController(Controller):
         operation_class=json_body(CreateHold),
     )
     async def create_hold(
-        self, wallet_id: str, body: bytes, holds: Holds, idempotency_key: IdempotencyKey
+        self, wallet_id: str, body: bytes, holds: Holds, idempotency_key: IdempotencyKey, owner_ids: OwnerIds
     ) -> Response[Hold]:
         data = decode_body(body, CreateHold)
         hold, replayed = await holds.create_hold(
@@ -146,6 +164,7 @@ class WalletController(Controller):
             idempotency_key=idempotency_key,
             description=data.description,
             metadata=data.metadata,
+            owner_ids=owner_ids,
         )
         return Response(hold, status_code=201, headers=REPLAYED if replayed else None)
 
@@ -159,11 +178,14 @@ class WalletController(Controller):
         self,
         wallet_id: str,
         wallets: Wallets,
+        owner_ids: OwnerIds,
         limit: Annotated[int, Parameter(ge=1, le=PAGE_SIZE_MAX)] = PAGE_SIZE_DEFAULT,
         starting_after: str | None = None,
     ) -> EntryPage:
         cursor = parse_cursor(starting_after, field="starting_after", names="an entry id")
-        return await wallets.list_entries(parse_wallet_id(wallet_id), limit=limit, starting_after=cursor)
+        return await wallets.list_entries(
+            parse_wallet_id(wallet_id), limit=limit, starting_after=cursor, owner_ids=owner_ids
+        )
 
 
 class HoldController(Controller):
@@ -176,8 +198,8 @@ class HoldController(Controller):
         summary="Get a hold",
         responses=problem_responses(401, 404, 503),
     )
-    async def get_hold(self, hold_id: str, holds: Holds) -> Hold:
-        return await holds.get_hold(parse_hold_id(hold_id))
+    async def get_hold(self, hold_id: str, holds: Holds, owner_ids: OwnerIds) -> Hold:
+        return await holds.get_hold(parse_hold_id(hold_id), owner_ids=owner_ids)
 
     @post(
         "/{hold_id:str}/capture",
@@ -187,9 +209,11 @@ class HoldController(Controller):
         responses=problem_responses(400, 401, 403, 404, 409, 503),
         operation_class=json_body(CaptureHold),
     )
-    async def capture(self, hold_id: str, body: bytes, holds: Holds) -> Capture:
+    async def capture(self, hold_id: str, body: bytes, holds: Holds, owner_ids: OwnerIds) -> Capture:
         data = decode_body(body, CaptureHold)
-        return await holds.capture(parse_hold_id(hold_id), amount_micros=data.amount_micros)
+        return await holds.capture(
+            parse_hold_id(hold_id), amount_micros=data.amount_micros, owner_ids=owner_ids
+        )
 
     @post(
         "/{hold_id:str}/release",
@@ -198,8 +222,8 @@ class HoldController(Controller):
         status_code=200,
         responses=problem_responses(401, 403, 404, 409, 503),
     )
-    async def release(self, hold_id: str, holds: Holds) -> Hold:
-        return await holds.release(parse_hold_id(hold_id))
+    async def release(self, hold_id: str, holds: Holds, owner_ids: OwnerIds) -> Hold:
+        return await holds.release(parse_hold_id(hold_id), owner_ids=owner_ids)
 
 
 class DebitBatchController(Controller):
@@ -216,10 +240,12 @@ class DebitBatchController(Controller):
         request_max_body_size=BATCH_BODY_BYTES_MAX,
     )
     async def create_batch(
-        self, body: bytes, wallets: Wallets, idempotency_key: IdempotencyKey
+        self, body: bytes, wallets: Wallets, idempotency_key: IdempotencyKey, owner_ids: OwnerIds
     ) -> BatchResult:
         batch = decode_batch(body)
-        return BatchResult(results=await wallets.post_batch(batch, idempotency_key=idempotency_key))
+        return BatchResult(
+            results=await wallets.post_batch(batch, idempotency_key=idempotency_key, owner_ids=owner_ids)
+        )
 
 
 _BATCH_DECODER = msgspec.json.Decoder(CreateBatch)

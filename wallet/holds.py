@@ -32,6 +32,7 @@ from wallet.errors import (
     RequestInProgress,
     WalletFrozen,
 )
+from wallet.owners import OwnerIds
 from wallet.schemas import Capture, Entry, EntryPayload, Hold, HoldPayload
 from wallet.service import (
     RESERVED_KEY_PREFIX,
@@ -221,8 +222,10 @@ class Holds:
         idempotency_key: str,
         description: str | None,
         metadata: dict[str, str],
+        owner_ids: OwnerIds,
     ) -> tuple[Hold, bool]:
         """Reserve `amount_micros`. Returns the hold and whether it is a replay."""
+        await self.wallets.check_reach(wallet_id, owner_ids)
         payload = HoldPayload(
             id=new_hold_id(wallet_id),
             wallet_id=wallet_id,
@@ -247,9 +250,9 @@ class Holds:
             status = result[0].decode()
             if status == "ok":
                 await self._record(wallet_id, result[3].decode())
-                return await self.get_hold(payload.id), False
+                return await self._hold(payload.id), False
             if status == "replay":
-                return await self.get_hold(uuid.UUID(result[1].decode())), True
+                return await self._hold(uuid.UUID(result[1].decode())), True
             if status == "missing":
                 await self.wallets.load_missing(wallet_id)
                 continue
@@ -269,7 +272,18 @@ class Holds:
             raise Unavailable(f"unexpected answer {status!r} from the balance store")
         raise Unavailable(f"wallet {wallet_id} could not be loaded into the balance store")
 
-    async def get_hold(self, hold_id: uuid.UUID) -> Hold:
+    async def _check_reach(self, hold_id: uuid.UUID, wallet_id: uuid.UUID, owner_ids: OwnerIds) -> None:
+        """A hold on a wallet outside the caller's owners is answered as a
+        missing hold, with the same body: nothing tells that it exists."""
+        if owner_ids is not None and not await self.wallets.owners.in_reach(wallet_id, owner_ids):
+            raise HoldNotFound(f"no hold {hold_id}")
+
+    async def get_hold(self, hold_id: uuid.UUID, *, owner_ids: OwnerIds) -> Hold:
+        hold = await self._hold(hold_id)
+        await self._check_reach(hold_id, hold.wallet_id, owner_ids)
+        return hold
+
+    async def _hold(self, hold_id: uuid.UUID) -> Hold:
         state = await self.cache.hold_state(hold_id)
         if state is not None:
             return hold_from_state(hold_id, state)
@@ -283,18 +297,19 @@ class Holds:
             raise HoldNotFound(f"no hold {hold_id}")
         return rows
 
-    async def release(self, hold_id: uuid.UUID) -> Hold:
+    async def release(self, hold_id: uuid.UUID, *, owner_ids: OwnerIds) -> Hold:
         """Release a held hold. Releasing one that was released or expired
         answers it as it is; one that was captured is a conflict."""
         state = await self.cache.hold_state(hold_id)
         if state is None:
             # Redis let it go (long ended, or lost): answer as Postgres recorded it.
-            hold = await self.get_hold(hold_id)
+            hold = await self.get_hold(hold_id, owner_ids=owner_ids)
             if hold.status in ("released", "expired"):
                 return hold
             raise HoldEnded(
                 f"hold {hold_id} has {hold.status}; there is nothing to release", hold_status=hold.status
             )
+        await self._check_reach(hold_id, state.wallet_id, owner_ids)
         result = await self.cache.end_hold(hold_id, state.wallet_id, "released")
         status = result[0].decode()
         if status == "ok":
@@ -305,15 +320,16 @@ class Holds:
             )
         elif status == "not_found":
             raise HoldNotFound(f"no hold {hold_id}")
-        return await self.get_hold(hold_id)
+        return await self._hold(hold_id)
 
-    async def capture(self, hold_id: uuid.UUID, *, amount_micros: int) -> Capture:
+    async def capture(self, hold_id: uuid.UUID, *, amount_micros: int, owner_ids: OwnerIds) -> Capture:
         """Debit the actual cost and release the hold, atomically; written
         through like a debit. Replaying the same capture answers the same."""
         state = await self.cache.hold_state(hold_id)
         if state is None:
-            return await self._replayed_from_postgres(hold_id, amount_micros)
+            return await self._replayed_from_postgres(hold_id, amount_micros, owner_ids)
         wallet_id = state.wallet_id
+        await self._check_reach(hold_id, wallet_id, owner_ids)
         held = _hold_payload_decoder.decode(state.payload)
         key = capture_key(hold_id)
         payload = EntryPayload(
@@ -408,12 +424,15 @@ class Holds:
             )
         elif state == "gone":
             entry = await self._capture_entry(hold_id, uuid.UUID(result[3].decode()))
-        return capture_answer(await self.get_hold(hold_id), entry, requested, captured)
+        return capture_answer(await self._hold(hold_id), entry, requested, captured)
 
-    async def _replayed_from_postgres(self, hold_id: uuid.UUID, requested_micros: int) -> Capture:
+    async def _replayed_from_postgres(
+        self, hold_id: uuid.UUID, requested_micros: int, owner_ids: OwnerIds
+    ) -> Capture:
         """Redis let the hold go (its idempotency TTL after it ended, or lost):
         answer as Postgres recorded it, as a replay does while Redis keeps it."""
         rows = await self._recorded(hold_id)
+        await self._check_reach(hold_id, rows[0].wallet_id, owner_ids)
         hold, last = hold_from_events(rows), rows[-1]
         if last.kind != "captured":
             raise HoldEnded(

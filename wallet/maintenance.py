@@ -24,6 +24,8 @@ WALLETS_PAGE_SIZE = 1000
 ENTRIES_PAGE_SIZE = 1000
 PROBLEMS_MAX = 100
 """Stop listing violations after this many of each kind: one is already a page."""
+POOL_ACQUIRE_TIMEOUT_S = 30.0
+"""How long a job waits for a pooled connection (the worker shares its pool)."""
 
 Progress = Callable[[int], None]
 
@@ -59,7 +61,7 @@ RELOAD_ATTEMPTS_MAX = 10
 
 async def _reload_newer(pool: asyncpg.Pool, cache: Cache, wallet_id: uuid.UUID) -> int:
     for attempt in range(1, RELOAD_ATTEMPTS_MAX + 1):
-        async with pool.acquire() as conn:
+        async with pool.acquire(timeout=POOL_ACQUIRE_TIMEOUT_S) as conn:
             cached = await repo.wallet_for_cache(conn, wallet_id)
         if cached is None or await cache.load_wallet(wallet_id, cached, overwrite=True):
             return attempt
@@ -76,7 +78,7 @@ async def _wallet_pages(
     handled = 0
     after: uuid.UUID | None = None
     while True:
-        async with pool.acquire() as conn:
+        async with pool.acquire(timeout=POOL_ACQUIRE_TIMEOUT_S) as conn:
             page = await repo.wallets_page(conn, after, WALLETS_PAGE_SIZE)
         yield page
         handled += len(page)
@@ -109,7 +111,7 @@ async def rebuild_cache(
     since = now - timedelta(seconds=idempotency_ttl_s)
     after_entry: uuid.UUID | None = None
     while True:
-        async with pool.acquire() as conn:
+        async with pool.acquire(timeout=POOL_ACQUIRE_TIMEOUT_S) as conn:
             holders = await ledger_repo.recent_keyed_entries_page(conn, since, after_entry, ENTRIES_PAGE_SIZE)
         for holder in holders:
             entry = holder.entry
@@ -132,7 +134,7 @@ async def rebuild_cache(
 
 async def check(pool: asyncpg.Pool, cache: Cache, *, progress: Progress | None = None) -> CheckReport:
     report = CheckReport()
-    async with pool.acquire() as conn:
+    async with pool.acquire(timeout=POOL_ACQUIRE_TIMEOUT_S) as conn:
         report.entries_unbalanced = [
             f"entry {entry_id}: {lines} lines summing to {total}"
             for entry_id, lines, total in await ledger_repo.unbalanced_entries(conn, PROBLEMS_MAX)
@@ -142,7 +144,7 @@ async def check(pool: asyncpg.Pool, cache: Cache, *, progress: Progress | None =
             f"reversal {r}" for r in await ledger_repo.mismatched_reversals(conn, PROBLEMS_MAX)
         ]
     report.unsettled_entries = await cache.outbox_depth()
-    async with pool.acquire() as conn:
+    async with pool.acquire(timeout=POOL_ACQUIRE_TIMEOUT_S) as conn:
         report.unapplied_changes = await repo.changes_count(conn)
     async for page in _wallet_pages(pool, progress):
         cached = await cache.balances([item.wallet.id for item in page])
@@ -219,7 +221,7 @@ async def find_drift(
             or (probe.balance_micros, probe.pending_micros, probe.change_seq) != first
         ):
             continue  # in use: not drift (the next run looks again)
-        async with pool.acquire() as conn:
+        async with pool.acquire(timeout=POOL_ACQUIRE_TIMEOUT_S) as conn:
             ledger = await repo.wallet_for_cache(conn, wallet_id)  # read after the probe
             if ledger is None or ledger.balance_micros == probe.balance_micros:
                 continue

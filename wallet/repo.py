@@ -56,6 +56,13 @@ async def wallet_by_id(conn: asyncpg.Connection, wallet_id: uuid.UUID) -> Wallet
     return None if record is None else _row(record)
 
 
+async def owners_of_wallets(
+    conn: asyncpg.Connection, wallet_ids: list[uuid.UUID], *, timeout_s: float
+) -> dict[uuid.UUID, str]:
+    records = await conn.fetch(Q["owners_of_wallets"], wallet_ids, timeout=timeout_s)
+    return {record["id"]: record["owner_id"] for record in records}
+
+
 async def wallets_by_owner(conn: asyncpg.Connection, owner_id: str, limit: int) -> list[WalletRow]:
     return [_row(record) for record in await conn.fetch(Q["wallets_by_owner"], owner_id, limit)]
 

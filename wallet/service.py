@@ -26,7 +26,7 @@ import msgspec
 import redis.exceptions
 
 from centime import metrics
-from centime.errors import InvalidRequest, NotFound, Unavailable, invariant
+from centime.errors import Forbidden, InvalidRequest, NotFound, Unavailable, invariant
 from centime.money import AMOUNT_MICROS_MAX, is_supported_currency
 from centime.settings import Settings
 from centime.wire import STORAGE_ERRORS, problem_answer
@@ -58,6 +58,7 @@ from wallet.errors import (
     WalletFrozen,
     WalletNotFound,
 )
+from wallet.owners import OwnerIds, WalletOwners, sees
 from wallet.schemas import (
     BATCH_DEBITS_MAX,
     PAGE_SIZE_MAX,
@@ -236,10 +237,21 @@ class Wallets:
         self._database_timeout_s = settings.database_timeout_ms / 1000
         self._charges: dict[uuid.UUID, Charge] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self.owners = WalletOwners(pool, timeout_s=self._database_timeout_s)
+
+    # Reach: a caller whose key names owners sees only their wallets ----------
+
+    async def check_reach(self, wallet_id: uuid.UUID, owner_ids: OwnerIds) -> None:
+        """A wallet outside the caller's owners is answered as a missing one,
+        with the same body: nothing tells that it exists."""
+        if owner_ids is not None and not await self.owners.in_reach(wallet_id, owner_ids):
+            raise WalletNotFound(f"no wallet {wallet_id}")
 
     # Wallets ---------------------------------------------------------------
 
-    async def create_wallet(self, request: CreateWallet) -> Wallet:
+    async def create_wallet(self, request: CreateWallet, *, owner_ids: OwnerIds) -> Wallet:
+        if not sees(owner_ids, request.owner_id):
+            raise Forbidden(f"this key creates wallets for its own owners only, not for {request.owner_id!r}")
         if not is_supported_currency(request.currency):
             raise InvalidRequest(
                 f"currency: {request.currency!r} is not a supported ISO 4217 code", fields=["currency"]
@@ -253,6 +265,7 @@ class Wallets:
                 raise WalletExists(f"owner {request.owner_id!r} already has a {request.currency} wallet")
             await ledger_repo.ensure_system_accounts(conn, request.currency)
             await ledger_repo.insert_wallet_account(conn, wallet_id, request.currency)
+        self.owners.remember(wallet_id, request.owner_id)
         cached = CachedWallet(0, row.overdraft_limit_micros, row.status, row.currency)
         try:
             await self.cache.load_wallet(wallet_id, cached, overwrite=False)
@@ -260,15 +273,18 @@ class Wallets:
             log.warning("wallet %s created; Redis load deferred: %r", wallet_id, exc)
         return _wallet(row, 0, 0)
 
-    async def get_wallet(self, wallet_id: uuid.UUID) -> Wallet:
+    async def get_wallet(self, wallet_id: uuid.UUID, *, owner_ids: OwnerIds) -> Wallet:
         async with self.pool.acquire(timeout=self._database_timeout_s) as conn:
             row = await repo.wallet_by_id(conn, wallet_id)
-            if row is None:
+            if row is None or not sees(owner_ids, row.owner_id):
                 raise WalletNotFound(f"no wallet {wallet_id}")
             cached = await self._cached_or_load(conn, row)
         return _wallet(row, cached.balance_micros, cached.held_micros)
 
-    async def list_wallets(self, owner_id: str) -> list[Wallet]:
+    async def list_wallets(self, owner_id: str, *, owner_ids: OwnerIds) -> list[Wallet]:
+        if not sees(owner_ids, owner_id):
+            # Whether the owner has wallets or not: this key sees none of them.
+            raise WalletNotFound(f"no wallets of owner {owner_id!r} for this key")
         async with self.pool.acquire(timeout=self._database_timeout_s) as conn:
             rows = await repo.wallets_by_owner(conn, owner_id, WALLETS_PER_OWNER_MAX)
             cached = [await self._cached_or_load(conn, row) for row in rows]
@@ -289,11 +305,12 @@ class Wallets:
         return await self.cache.wallet(row.id) or loaded
 
     async def list_entries(
-        self, wallet_id: uuid.UUID, *, limit: int, starting_after: uuid.UUID | None
+        self, wallet_id: uuid.UUID, *, limit: int, starting_after: uuid.UUID | None, owner_ids: OwnerIds
     ) -> EntryPage:
         invariant(1 <= limit <= PAGE_SIZE_MAX, f"limit {limit} outside 1..{PAGE_SIZE_MAX}")
         async with self.pool.acquire(timeout=self._database_timeout_s) as conn:
-            if await repo.wallet_by_id(conn, wallet_id) is None:
+            row = await repo.wallet_by_id(conn, wallet_id)
+            if row is None or not sees(owner_ids, row.owner_id):
                 raise WalletNotFound(f"no wallet {wallet_id}")
             records = await ledger_repo.wallet_entries_page(conn, wallet_id, starting_after, limit + 1)
         return EntryPage(data=[to_entry(r) for r in records[:limit]], has_more=len(records) > limit)
@@ -309,11 +326,16 @@ class Wallets:
         idempotency_key: str,
         description: str | None,
         metadata: dict[str, str],
+        owner_ids: OwnerIds,
     ) -> tuple[Entry, bool]:
         """Debit or credit a wallet. Returns the entry and whether it is a replay."""
         started = time.perf_counter()
         try:
             refuse_reserved_key(idempotency_key, "Idempotency-Key")
+            # A key of every owner pays nothing for the check; a key with
+            # owners, a dict lookup once its wallet is remembered.
+            if owner_ids is not None and not self.owners.known_in_reach(wallet_id, owner_ids):
+                await self.check_reach(wallet_id, owner_ids)
             payload = EntryPayload(
                 id=uuid7(),
                 wallet_id=wallet_id,
@@ -332,7 +354,9 @@ class Wallets:
         finally:
             metrics.debit_latency_seconds.observe(time.perf_counter() - started)
 
-    async def post_batch(self, batch: CreateBatch, *, idempotency_key: str) -> list[BatchItem]:
+    async def post_batch(
+        self, batch: CreateBatch, *, idempotency_key: str, owner_ids: OwnerIds
+    ) -> list[BatchItem]:
         """Debit many wallets, each item on its own: one apply.lua call per
         partition (all sent in one event-loop tick), one group commit for
         every charge, and an answer per item in request order. A retry with
@@ -365,13 +389,7 @@ class Wallets:
         ]
         answers: list[BatchItem | None] = [None] * len(payloads)
         charges: dict[int, Charge] = {}
-        waiting: list[int] = []
-        for i, payload in enumerate(payloads):
-            try:
-                refuse_reserved_key(payload.idempotency_key, f"debits[{i}].idempotency_key")
-                waiting.append(i)
-            except InvalidRequest as exc:
-                answers[i] = _problem_item(exc)
+        waiting = await self._admit(payloads, answers, owner_ids)
         groups: list[_Group] = []
         missing: list[int] = []
         for attempt in range(2):  # the second only for wallets missing from Redis, once loaded
@@ -404,6 +422,26 @@ class Wallets:
         _answer_repeated_keys(payloads, answers)
         invariant(all(a is not None for a in answers), "every batch item has an answer")
         return [a for a in answers if a is not None]
+
+    async def _admit(
+        self, payloads: list[EntryPayload], answers: list[BatchItem | None], owner_ids: OwnerIds
+    ) -> list[int]:
+        """The items to charge. The others are answered here: a reserved
+        key, and a wallet outside `owner_ids` (as a missing wallet's item)."""
+        admitted: list[int] = []
+        for i, payload in enumerate(payloads):
+            try:
+                refuse_reserved_key(payload.idempotency_key, f"debits[{i}].idempotency_key")
+                admitted.append(i)
+            except InvalidRequest as exc:
+                answers[i] = _problem_item(exc)
+        if owner_ids is None:
+            return admitted
+        reachable = await self.owners.reachable((payloads[i].wallet_id for i in admitted), owner_ids)
+        for i in admitted:
+            if payloads[i].wallet_id not in reachable:
+                answers[i] = _problem_item(WalletNotFound(f"no wallet {payloads[i].wallet_id}"))
+        return [i for i in admitted if answers[i] is None]
 
     async def _charge_batch(
         self, payloads: list[EntryPayload], indexes: list[int], answers: list[BatchItem | None]

@@ -1,6 +1,7 @@
 """The plain-ASGI debit path (CENTIME_FAST_DEBITS=true) answers every request,
 good or bad, exactly as the Litestar handler does: same status, headers and
-problem+json body; and its answers are counted in /metrics."""
+problem+json body, keys that name owners included; and its answers are
+counted in /metrics."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import pytest
 import redis.asyncio as redis
 from conftest import Keys, Server, auth, new_wallet, start_server, stop_server
 
+from centime.auth import Scope, create_api_key
 from centime.settings import Settings
 from wallet.cache import Cache
 
@@ -33,6 +35,8 @@ class Ctx:
     key: str  # a fresh Idempotency-Key
     keys: Keys
     missing: str = field(default_factory=lambda: str(uuid.uuid4()))
+    owned: str = ""  # a debit key that sees the wallet's owner (OWNER_CASES only)
+    stranger: str = ""  # a debit key that sees another owner only
 
 
 @dataclass(frozen=True)
@@ -65,8 +69,9 @@ def one(**kw: Any) -> Build:
     idempotency_key = kw.pop("idempotency_key", "{key}")
 
     def build(c: Ctx) -> list[Req]:
-        a = None if authorization is None else authorization.format(keys=c.keys, key=c.key)
-        i = None if idempotency_key is None else idempotency_key.format(keys=c.keys, key=c.key)
+        names = {"keys": c.keys, "key": c.key, "owned": c.owned, "stranger": c.stranger}
+        a = None if authorization is None else authorization.format(**names)
+        i = None if idempotency_key is None else idempotency_key.format(**names)
         return [Req(headers=hdrs(a, i), **kw)]
 
     return build
@@ -127,7 +132,20 @@ CASES: dict[str, tuple[Build, bool]] = {  # name: (build, frozen wallet)
     "wallet-id-not-uuid": (one(json=ONE, path="/v1/wallets/not-a-uuid/debits"), False),
     "unknown-wallet": (one(json=ONE, path="/v1/wallets/{missing}/debits"), False),
     "trailing-slash": (one(json=ONE, path=DEBIT + "/"), False),
+    "owner-key-own-wallet": (one(json=BODY, authorization="Bearer {owned}"), False),
+    "owner-key-replay": (
+        lambda c: [Req(json=BODY, headers=hdrs(f"Bearer {c.owned}", c.key))] * 2,
+        False,
+    ),
+    "owner-key-other-owners-wallet": (one(json=ONE, authorization="Bearer {stranger}"), False),
+    "owner-key-missing-wallet": (
+        one(json=ONE, authorization="Bearer {owned}", path="/v1/wallets/{missing}/debits"),
+        False,
+    ),
+    "owner-key-other-owners-frozen-wallet": (one(json=ONE, authorization="Bearer {stranger}"), True),
+    "owner-key-bad-body": (one(content=b"{", authorization="Bearer {stranger}"), False),
 }
+OWNER_CASES = {name for name in CASES if name.startswith("owner-key-")}
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +213,29 @@ def normalized(response: httpx.Response, c: Ctx) -> tuple[int, list[tuple[str, s
     return response.status_code, headers, json.loads(text) if body is not None else None, text
 
 
+async def owner_key(settings: Settings, owner_id: str, scope: Scope = "debit") -> str:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        return (await create_api_key(conn, "fast-owner", scope, [owner_id, "another-owner"]))[1]
+    finally:
+        await conn.close()
+
+
+async def context(http: httpx.AsyncClient, keys: Keys, settings: Settings, *, owners: bool) -> Ctx:
+    c = Ctx(await new_wallet(http, keys, funded_micros=FUNDED_MICROS), secrets.token_hex(8), keys)
+    if not owners:
+        return c
+    owner_id = (await http.get(f"/v1/wallets/{c.wallet}", headers=auth(keys.read))).json()["owner_id"]
+    return Ctx(
+        c.wallet,
+        c.key,
+        keys,
+        c.missing,
+        owned=await owner_key(settings, owner_id),
+        stranger=await owner_key(settings, f"stranger-{secrets.token_hex(4)}"),
+    )
+
+
 @pytest.mark.parametrize("name", CASES)
 async def test_both_paths_answer_alike(
     name: str, clients: list[httpx.AsyncClient], keys: Keys, settings: Settings
@@ -202,7 +243,7 @@ async def test_both_paths_answer_alike(
     build, frozen = CASES[name]
     answers = []
     for http in clients:
-        c = Ctx(await new_wallet(http, keys, funded_micros=FUNDED_MICROS), secrets.token_hex(8), keys)
+        c = await context(http, keys, settings, owners=name in OWNER_CASES)
         if frozen:
             await freeze(settings, c.wallet)
         answers.append([normalized(await send(http, c, req), c) for req in build(c)])
@@ -225,3 +266,19 @@ async def test_fast_path_is_counted(clients: list[httpx.AsyncClient], keys: Keys
     assert response.status_code == 201, response.text
     after = requests_201((await fast.get("/metrics")).text)
     assert after == before + 1
+
+
+async def test_another_owners_wallet_answers_as_a_missing_one(
+    clients: list[httpx.AsyncClient], keys: Keys, settings: Settings
+) -> None:
+    """On the fast path, byte for byte, but for the id."""
+    fast = clients[0]
+    c = await context(fast, keys, settings, owners=True)
+    other = await send(fast, c, one(json=ONE, authorization="Bearer {stranger}")(c)[0])
+    missing = await send(fast, c, one(json=ONE, path="/v1/wallets/{missing}/debits")(c)[0])
+    assert other.status_code == 404
+    assert other.content.replace(c.wallet.encode(), b"<id>") == missing.content.replace(
+        c.missing.encode(), b"<id>"
+    )
+    wallet = await fast.get(f"/v1/wallets/{c.wallet}", headers=auth(keys.read))
+    assert wallet.json()["balance_micros"] == FUNDED_MICROS

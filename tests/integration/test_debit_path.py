@@ -86,16 +86,30 @@ async def harness(settings: Settings, private_database: str) -> AsyncIterator[Ha
 
 
 async def funded_wallet(wallets: Wallets, micros: int) -> uuid.UUID:
-    wallet = await wallets.create_wallet(CreateWallet(owner_id=secrets.token_hex(6), currency="usd"))
+    wallet = await wallets.create_wallet(
+        CreateWallet(owner_id=secrets.token_hex(6), currency="usd"), owner_ids=None
+    )
     await wallets.post_entry(
-        wallet.id, kind="credit", amount_micros=micros, idempotency_key="fund", description="f", metadata={}
+        wallet.id,
+        kind="credit",
+        amount_micros=micros,
+        idempotency_key="fund",
+        description="f",
+        metadata={},
+        owner_ids=None,
     )
     return wallet.id
 
 
 async def debit(wallets: Wallets, wallet_id: uuid.UUID, key: str, micros: int = 100):  # type: ignore[no-untyped-def]
     return await wallets.post_entry(
-        wallet_id, kind="debit", amount_micros=micros, idempotency_key=key, description=None, metadata={}
+        wallet_id,
+        kind="debit",
+        amount_micros=micros,
+        idempotency_key=key,
+        description=None,
+        metadata={},
+        owner_ids=None,
     )
 
 
@@ -434,7 +448,8 @@ async def test_a_batch_commits_its_charges_before_its_slow_lookups(harness: Harn
             ]
         )
         results, swept = await asyncio.gather(
-            wallets.post_batch(batch, idempotency_key=secrets.token_hex(8)), sweep_then_release()
+            wallets.post_batch(batch, idempotency_key=secrets.token_hex(8), owner_ids=None),
+            sweep_then_release(),
         )
         assert [r.status for r in results] == [201, 402], results
         assert swept.settled == 0, swept  # type: ignore[attr-defined]

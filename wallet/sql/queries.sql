@@ -103,3 +103,6 @@ SELECT hold_id, kind, wallet_id, currency, amount_micros, requested_micros, capt
  WHERE hold_id = $1
  ORDER BY kind <> 'held', occurred_at
  LIMIT 2
+
+-- name: owners_of_wallets
+SELECT id, owner_id FROM wallets WHERE id = ANY($1::uuid[])

@@ -24,6 +24,7 @@ from litestar.exceptions import (
 )
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio.retry import Retry
@@ -37,7 +38,13 @@ from centime.settings import Settings, load_settings
 from centime.wire import REQUEST_BODY_BYTES_MAX, STORAGE_ERRORS, problem_answer, problem_body
 from ledger.writer import LedgerWriter
 from reconcile.api import ReconciliationController
-from topup.api import CheckoutController, TopUpController
+from topup.api import (
+    STRIPE_SIGNATURE_SCHEME,
+    STRIPE_SIGNATURE_SECURITY,
+    CheckoutController,
+    TopUpController,
+    state_topup_bounds,
+)
 from topup.gateway import StripeGateway
 from topup.service import TopUps
 from wallet.api import DebitBatchController, HoldController, WalletController
@@ -106,8 +113,53 @@ _HTTP_CODES = {
 
 
 def _http_error(_: Request, exc: HTTPException) -> Response[dict[str, Any]]:
+    """Litestar's own refusals; their headers kept (a 405's `Allow`)."""
     code = _HTTP_CODES.get(exc.status_code, "http_error" if exc.status_code < 500 else "internal_error")
-    return problem(exc.status_code, code, code.replace("_", " ").capitalize(), exc.detail)
+    response = problem(exc.status_code, code, code.replace("_", " ").capitalize(), exc.detail)
+    response.headers.update(exc.headers or {})
+    return response
+
+
+def allowed_methods(app: Litestar) -> dict[str, str]:
+    """The `Allow` answer of each path template: every method it serves.
+    Litestar's own OPTIONS answer names only the methods of the first
+    handler registered on a path (GET /v1/wallets was missing)."""
+    methods: dict[str, set[str]] = {}
+    for route in app.routes:
+        methods.setdefault(route.path_format, set()).update(route.methods)
+    return {path: ", ".join(sorted(names)) for path, names in methods.items()}
+
+
+async def truthful_options(message: Message, scope: Scope) -> None:
+    """A before_send hook: an OPTIONS answer's `Allow` is what allowed_methods says."""
+    if message["type"] != "http.response.start" or scope.get("method") != "OPTIONS":
+        return
+    allow_by_path: dict[str, bytes] = scope["app"].state.allow_by_path
+    value = allow_by_path.get(scope.get("path_template", ""))
+    if value is not None:
+        headers = [(name, old) for name, old in message.get("headers", []) if name.lower() != b"allow"]
+        message["headers"] = [*headers, (b"allow", value)]
+
+
+API_KEY_SCHEME = "apiKey"
+_API_KEY_SECURITY = SecurityScheme(
+    type="http",
+    scheme="bearer",
+    description="An API key made by `centime api-key create`: `Authorization: Bearer ck_...`. "
+    "Scopes nest: admin can do everything, debit can also read, read only reads; "
+    "each operation names the scope it needs.",
+)
+
+
+def state_api_keys(app: Litestar) -> None:
+    """Every route that names a scope (centime.auth.require_scope) says in the
+    OpenAPI that it needs a bearer API key of that scope; the routes that name
+    none (the Stripe webhook) need none."""
+    for route in app.routes:
+        for handler in getattr(route, "route_handlers", ()):
+            scope = handler.opt.get("scope")
+            if scope is not None:
+                handler.security = [{API_KEY_SCHEME: [scope]}]
 
 
 def count_requests(app: ASGIApp) -> ASGIApp:
@@ -323,6 +375,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         lifespan=[lifespan],
         guards=[require_scope],
         middleware=[count_requests],
+        before_send=[truthful_options],
         dependencies={
             "wallets": Provide(_wallets),
             "holds": Provide(_holds),
@@ -343,10 +396,19 @@ def create_app(settings: Settings | None = None) -> Litestar:
             version="0.1.0",
             description="Wallets and a double-entry ledger for micro-payments.",
             path="/schema",
+            components=Components(
+                security_schemes={
+                    API_KEY_SCHEME: _API_KEY_SECURITY,
+                    STRIPE_SIGNATURE_SCHEME: STRIPE_SIGNATURE_SECURITY,
+                }
+            ),
             render_plugins=[ScalarRenderPlugin()],
         ),
         request_max_body_size=REQUEST_BODY_BYTES_MAX,
         debug=False,
     )
     check_route_scopes(app)  # deny by default: an unscoped /v1 route does not start
+    app.state.allow_by_path = {path: value.encode() for path, value in allowed_methods(app).items()}
+    state_api_keys(app)
+    state_topup_bounds(app.openapi_schema, settings)
     return app

@@ -12,6 +12,8 @@ class CentimeError(Exception):
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
     title: ClassVar[str] = "Internal error"
+    challenge: ClassVar[str] = 'Bearer realm="centime"'
+    """A 401's WWW-Authenticate: how to authenticate (RFC 9110 11.6.1)."""
 
     def __init__(self, detail: str, **extra: Any) -> None:
         super().__init__(detail)

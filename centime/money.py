@@ -64,8 +64,9 @@ Currency = Annotated[
     str,
     msgspec.Meta(
         pattern="^[a-z]{3}$",
-        description="ISO 4217 code in lower case, like Stripe: usd, eur, jpy.",
+        description="ISO 4217 code in lower case, like Stripe: usd, eur, jpy; one of the supported ones.",
         examples=["usd"],
+        extra_json_schema={"enum": sorted(CURRENCY_EXPONENTS)},
     ),
 ]
 

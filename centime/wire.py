@@ -6,11 +6,11 @@ decoders built once per struct. A failure names the offending field."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import uuid
-from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from typing import Annotated, Any, NamedTuple, TypeVar
 
 import asyncpg
 import msgspec
@@ -18,9 +18,11 @@ import redis.asyncio as redis
 import redis.exceptions as redis_exceptions
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType, Operation, RequestBody, Schema
+from litestar.params import Parameter
 
 from centime import metrics
-from centime.errors import CentimeError, InvalidRequest
+from centime.errors import CentimeError, InvalidRequest, invariant
+from ledger.ids import UUID_PATTERN, parse_uuid
 
 T = TypeVar("T")
 STORAGE_ERRORS = (
@@ -93,7 +95,7 @@ def problem_answer(exc: Exception) -> ProblemAnswer:
         if exc.status >= 500:
             _log.warning("%s: %s", exc.code, exc.detail, exc_info=exc.__cause__ is not None)
         if exc.status == 401:
-            headers["WWW-Authenticate"] = 'Bearer realm="centime"'
+            headers["WWW-Authenticate"] = exc.challenge
         status, code, title, detail, extra = exc.status, exc.code, exc.title, exc.detail, exc.extra
     elif storage_unavailable(exc):
         _log.warning("storage unavailable: %r", exc)
@@ -122,15 +124,33 @@ _UNKNOWN = re.compile(r"unknown field `([^`]*)`")
 _decoders: dict[type, msgspec.json.Decoder] = {}
 
 
+UUID_SCHEMA = {"format": "uuid", "pattern": UUID_PATTERN}
+PathId = Annotated[
+    str,
+    Parameter(
+        description="A UUID (8-4-4-4-12 hex); any other text names nothing and is answered 404.",
+        schema_extra=UUID_SCHEMA,
+    ),
+]
+Cursor = Annotated[
+    str | None,
+    Parameter(
+        required=False,
+        description="The id of the last item of the previous page (a UUID); the page starts after it.",
+        schema_extra={"type": "string", "one_of": None, **UUID_SCHEMA},
+    ),
+]
+
+
 def parse_cursor(raw: str | None, *, field: str, names: str) -> uuid.UUID | None:
     """A paging cursor (the id of the last item seen), or None; 400 naming
     the field when it is not an id."""
     if raw is None:
         return None
-    try:
-        return uuid.UUID(raw)
-    except ValueError:
-        raise InvalidRequest(f"{field}: not {names}", fields=[field]) from None
+    parsed = parse_uuid(raw)
+    if parsed is None:
+        raise InvalidRequest(f"{field}: not {names}", fields=[field])
+    return parsed
 
 
 def decode_body(body: bytes, struct: type[T]) -> T:
@@ -153,51 +173,55 @@ def decode_body(body: bytes, struct: type[T]) -> T:
         raise InvalidRequest(f"body: malformed JSON ({exc})", fields=["body"]) from None
 
 
-def _openapi_schema(struct: type) -> Schema:
-    (_, schema_by_name) = msgspec.json.schema_components([struct], ref_template="#/components/schemas/{name}")
-    definition: dict[str, Any] = schema_by_name[struct.__name__]
-    properties = {
-        name: Schema(**{k: v for k, v in _schema_fields(spec).items()})
-        for name, spec in definition["properties"].items()
-    }
-    return Schema(
-        type="object",
-        title=definition.get("title"),
-        properties=properties,
-        required=definition.get("required", []),
-        additional_properties=False,
-    )
+_SCHEMA_FIELD_BY_KEYWORD = {
+    field.metadata.get("alias", field.name): field.name
+    for field in dataclasses.fields(Schema)
+    if field.name != "data_container"
+}
+"""JSON Schema keyword -> litestar Schema field (`maxLength` -> `max_length`)."""
+_SUBSCHEMA_KEYWORDS = {"items", "not", "propertyNames", "additionalProperties", "contains"}
+_SUBSCHEMA_LIST_KEYWORDS = {"anyOf", "oneOf", "allOf", "prefixItems"}
+_SCHEMA_DEPTH_MAX = 16
+"""Request structs nest two deep (a batch, its debits, their metadata)."""
 
 
-def _schema_fields(spec: dict[str, Any]) -> dict[str, Any]:
-    """Map a JSON-schema property to litestar Schema keyword arguments."""
-    mapping = {
-        "type": "type",
-        "minimum": "minimum",
-        "maximum": "maximum",
-        "minLength": "min_length",
-        "maxLength": "max_length",
-        "pattern": "pattern",
-        "description": "description",
-        "maxProperties": "max_properties",
-        "default": "default",
-        "examples": "examples",
-    }
-    fields = {mapping[k]: v for k, v in spec.items() if k in mapping}
-    if "anyOf" in spec:
-        fields["one_of"] = [Schema(**_schema_fields(option)) for option in spec["anyOf"]]
-    if "additionalProperties" in spec and isinstance(spec["additionalProperties"], dict):
-        fields["additional_properties"] = Schema(**_schema_fields(spec["additionalProperties"]))
-    return fields
+def openapi_schema(struct: type) -> Schema:
+    """`struct`'s JSON schema as msgspec enforces it, every keyword kept and
+    nested structs inlined: a request body is decoded by msgspec, so its
+    schema must say exactly what msgspec takes."""
+    (root,), components = msgspec.json.schema_components([struct], ref_template="{name}")
+    return _to_schema(root, components, depth=0)
+
+
+def _to_schema(spec: dict[str, Any], components: dict[str, Any], *, depth: int) -> Schema:
+    invariant(depth < _SCHEMA_DEPTH_MAX, f"request schema nests deeper than {_SCHEMA_DEPTH_MAX}")
+    if "$ref" in spec:
+        spec = {**components[spec["$ref"]], **{k: v for k, v in spec.items() if k != "$ref"}}
+
+    def sub(value: Any) -> Any:
+        return _to_schema(value, components, depth=depth + 1) if isinstance(value, dict) else value
+
+    fields: dict[str, Any] = {}
+    for keyword, value in spec.items():
+        if keyword == "properties":
+            converted: Any = {name: sub(option) for name, option in value.items()}
+        elif keyword in _SUBSCHEMA_KEYWORDS:
+            converted = sub(value)
+        elif keyword in _SUBSCHEMA_LIST_KEYWORDS:
+            converted = [sub(option) for option in value]
+        else:
+            converted = value
+        fields[_SCHEMA_FIELD_BY_KEYWORD[keyword]] = converted
+    return Schema(**fields)
 
 
 def json_body(struct: type) -> type[Operation]:
     """An OpenAPI operation class documenting `struct` as the JSON body."""
     body = RequestBody(
-        content={"application/json": OpenAPIMediaType(schema=_openapi_schema(struct))}, required=True
+        content={"application/json": OpenAPIMediaType(schema=openapi_schema(struct))}, required=True
     )
 
-    @dataclass
+    @dataclasses.dataclass
     class WithJsonBody(Operation):
         def __post_init__(self) -> None:
             self.request_body = body
@@ -219,7 +243,7 @@ class Problem(msgspec.Struct, kw_only=True):
 PROBLEM_DESCRIPTIONS = {
     400: "invalid_request: the body, a header or a parameter is wrong; `fields` names it",
     401: "unauthorized: no API key, a malformed one (keys are `ck_` and 43 URL-safe characters), "
-    "or an unknown or revoked one",
+    "or an unknown or revoked one (webhook_signature_invalid on the Stripe webhook)",
     402: "insufficient_funds: the balance (less what holds reserve) and overdraft limit cannot cover it; "
     "`balance_micros` says what is there",
     403: "forbidden: the key's scope does not cover this route; or the key names owners and the "
@@ -229,6 +253,8 @@ PROBLEM_DESCRIPTIONS = {
     409: "wallet_exists, idempotency_conflict, request_in_progress, idempotency_key_reversed, wallet_frozen, "
     "hold_not_held (captured, released or expired) or capture_reversed",
     413: "payload_too_large: the body is over the route's limit",
+    422: "balance_too_large (a credit the balance cannot take) or amount_not_payable (a top-up the wallet's "
+    "currency cannot pay: not whole minor units, or below Stripe's minimum)",
     502: "stripe_refused: Stripe refused a request centime made (a configuration problem, logged)",
     503: "unavailable (storage did not answer in time; nothing was charged), stripe_unavailable or topups_disabled",
 }

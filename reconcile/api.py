@@ -5,14 +5,14 @@ refused these routes (opt "spans_owners", centime/auth.py)."""
 
 from __future__ import annotations
 
-import uuid
 from typing import Annotated
 
 from litestar import Controller, get
 from litestar.datastructures import State
 from litestar.params import Parameter
 
-from centime.wire import parse_cursor, problem_responses
+from centime.wire import Cursor, PathId, parse_cursor, problem_responses
+from ledger.ids import parse_uuid
 from reconcile.schemas import ITEMS_PAGE_SIZE_MAX, PAGE_SIZE_DEFAULT, RUNS_PAGE_SIZE_MAX, RunDetail, RunPage
 from reconcile.service import RunNotFound, get_run, list_runs
 
@@ -31,7 +31,7 @@ class ReconciliationController(Controller):
         self,
         state: State,
         limit: Annotated[int, Parameter(ge=1, le=RUNS_PAGE_SIZE_MAX)] = PAGE_SIZE_DEFAULT,
-        starting_after: str | None = None,
+        starting_after: Cursor = None,
     ) -> RunPage:
         return await list_runs(
             state.pool,
@@ -48,15 +48,14 @@ class ReconciliationController(Controller):
     )
     async def get_run(
         self,
-        run_id: str,
+        run_id: PathId,
         state: State,
         items_limit: Annotated[int, Parameter(ge=1, le=ITEMS_PAGE_SIZE_MAX)] = 100,
         items_after: Annotated[int, Parameter(ge=0, le=2**31 - 1)] = 0,
     ) -> RunDetail:
-        try:
-            parsed = uuid.UUID(run_id)
-        except ValueError:
-            raise RunNotFound(f"no reconciliation run {run_id!r}") from None
+        parsed = parse_uuid(run_id)
+        if parsed is None:
+            raise RunNotFound(f"no reconciliation run {run_id!r}")
         return await get_run(
             state.pool, parsed, items_limit=items_limit, items_after=items_after, timeout_s=state.timeout_s
         )

@@ -8,9 +8,12 @@ import uuid
 from typing import Annotated
 
 from litestar import Controller, MediaType, Request, Response, get, post
+from litestar.openapi.spec import OpenAPI, RequestBody, Schema, SecurityScheme
 from litestar.params import Parameter
 
-from centime.wire import decode_body, json_body, parse_cursor, problem_responses
+from centime.settings import Settings
+from centime.wire import Cursor, PathId, decode_body, json_body, parse_cursor, problem_responses
+from ledger.ids import parse_uuid
 from topup.checkout import render
 from topup.errors import TopUpNotFound, WebhookSignatureInvalid
 from topup.schemas import (
@@ -45,10 +48,20 @@ OptionalIdempotencyKey = Annotated[
 
 
 def parse_topup_id(raw: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(raw)
-    except ValueError:
-        raise TopUpNotFound(f"no top-up {raw!r}") from None
+    parsed = parse_uuid(raw)
+    if parsed is None:
+        raise TopUpNotFound(f"no top-up {raw!r}")
+    return parsed
+
+
+STRIPE_SIGNATURE_SCHEME = "stripeSignature"
+STRIPE_SIGNATURE_SECURITY = SecurityScheme(
+    type="apiKey",
+    name="Stripe-Signature",
+    security_scheme_in="header",
+    description="Stripe signs each webhook delivery with the endpoint's secret "
+    "(CENTIME_STRIPE_WEBHOOK_SECRET); one that does not verify is answered 401 webhook_signature_invalid.",
+)
 
 
 class TopUpController(Controller):
@@ -60,12 +73,12 @@ class TopUpController(Controller):
         opt={"scope": "debit"},
         summary="Start a top-up: a Stripe PaymentIntent to pay on the checkout page",
         status_code=201,
-        responses=problem_responses(400, 401, 403, 404, 409, 502, 503),
+        responses=problem_responses(400, 401, 403, 404, 409, 413, 422, 502, 503),
         operation_class=json_body(CreateTopUp),
     )
     async def create_topup(
         self,
-        wallet_id: str,
+        wallet_id: PathId,
         body: bytes,
         topups: TopUps,
         owner_ids: OwnerIds,
@@ -83,7 +96,7 @@ class TopUpController(Controller):
         summary="Get a top-up",
         responses=problem_responses(401, 404, 503),
     )
-    async def get_topup(self, topup_id: str, topups: TopUps, owner_ids: OwnerIds) -> TopUp:
+    async def get_topup(self, topup_id: PathId, topups: TopUps, owner_ids: OwnerIds) -> TopUp:
         return await topups.get_topup(parse_topup_id(topup_id), owner_ids=owner_ids)
 
     @get(
@@ -94,11 +107,11 @@ class TopUpController(Controller):
     )
     async def list_topups(
         self,
-        wallet_id: str,
+        wallet_id: PathId,
         topups: TopUps,
         owner_ids: OwnerIds,
         limit: Annotated[int, Parameter(ge=1, le=PAGE_SIZE_MAX)] = PAGE_SIZE_DEFAULT,
-        starting_after: str | None = None,
+        starting_after: Cursor = None,
     ) -> TopUpPage:
         return await topups.list_topups(
             parse_wallet_id(wallet_id),
@@ -113,7 +126,8 @@ class TopUpController(Controller):
         opt={"scope": "public"},
         summary="Stripe webhook endpoint (signed by Stripe; no API key)",
         status_code=200,
-        responses=problem_responses(400, 503),
+        responses=problem_responses(400, 401, 413, 503),
+        security=[{STRIPE_SIGNATURE_SCHEME: []}],
         request_max_body_size=WEBHOOK_BODY_BYTES_MAX,
     )
     async def stripe_webhook(self, request: Request, body: bytes, topups: TopUps) -> WebhookAnswer:
@@ -135,7 +149,7 @@ class CheckoutController(Controller):
     @get("/{topup_id:str}", media_type=MediaType.HTML)
     async def checkout_page(
         self,
-        topup_id: str,
+        topup_id: PathId,
         topups: TopUps,
         returned: str | None = None,
         redirect_status: str | None = None,
@@ -151,6 +165,28 @@ class CheckoutController(Controller):
         return Response(page, media_type=MediaType.HTML, headers=headers)
 
     @get("/{topup_id:str}/status")
-    async def checkout_status(self, topup_id: str, topups: TopUps) -> Response[CheckoutStatus]:
+    async def checkout_status(self, topup_id: PathId, topups: TopUps) -> Response[CheckoutStatus]:
         status = await topups.checkout_status(parse_topup_id(topup_id))
         return Response(status, headers={"Cache-Control": "no-store"})
+
+
+TOPUPS_PATH = "/v1/wallets/{wallet_id}/topups"
+
+
+def state_topup_bounds(openapi: OpenAPI, settings: Settings) -> None:
+    """The OpenAPI of a top-up's amount states the configured bounds
+    (CENTIME_TOPUP_MIN_MICROS, CENTIME_TOPUP_MAX_MICROS), which the schema
+    of CreateTopUp cannot know before the settings are read."""
+    operation = openapi.paths[TOPUPS_PATH].post  # type: ignore[index]
+    assert operation is not None and isinstance(operation.request_body, RequestBody)
+    schema = operation.request_body.content["application/json"].schema
+    assert isinstance(schema, Schema) and schema.properties is not None
+    amount = schema.properties["amount_micros"]
+    assert isinstance(amount, Schema)
+    amount.minimum = settings.topup_min_micros
+    amount.maximum = settings.topup_max_micros
+    amount.description = (
+        f"{settings.topup_min_micros} to {settings.topup_max_micros} micros, in whole minor units of the "
+        "wallet's currency (multiples of 10000 micros for usd); an amount the currency cannot pay is "
+        "answered 422 amount_not_payable."
+    )

@@ -11,7 +11,17 @@ class TopUpNotFound(NotFound):
 
 
 class TopUpAmountInvalid(InvalidRequest):
-    """Outside the configured limits, or not a whole number of minor units."""
+    """Outside the configured limits (the OpenAPI states them)."""
+
+
+class TopUpAmountNotPayable(CentimeError):
+    """A well-formed amount the wallet's currency cannot pay: not a whole
+    number of its minor units, or below what Stripe takes in it. 422, not
+    400: the rule depends on the wallet, which the request does not carry."""
+
+    status = 422
+    code = "amount_not_payable"
+    title = "Amount not payable"
 
 
 class TopUpsDisabled(CentimeError):
@@ -37,9 +47,13 @@ class StripeRefused(CentimeError):
 
 
 class WebhookSignatureInvalid(CentimeError):
-    status = 400
+    """The Stripe-Signature header is the webhook's credential: 401 when it
+    does not verify (Stripe retries any non-2xx alike)."""
+
+    status = 401
     code = "webhook_signature_invalid"
     title = "Webhook signature invalid"
+    challenge = 'Stripe-Signature realm="centime webhooks"'
 
 
 class WebhookPayloadInvalid(InvalidRequest):

@@ -15,7 +15,7 @@ import stripe
 from topup.errors import (
     StripeRefused,
     StripeUnavailable,
-    TopUpAmountInvalid,
+    TopUpAmountNotPayable,
     WebhookPayloadInvalid,
     WebhookSignatureInvalid,
 )
@@ -103,7 +103,7 @@ class StripeGateway:
             raise StripeUnavailable(f"Stripe did not answer {what}: {exc.user_message or exc}") from exc
         except stripe.InvalidRequestError as exc:
             if exc.param == "amount":  # below Stripe's minimum for the currency, say
-                raise TopUpAmountInvalid(
+                raise TopUpAmountNotPayable(
                     f"amount_micros: Stripe refused the amount: {exc.user_message or exc}",
                     fields=["amount_micros"],
                 ) from exc

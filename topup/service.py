@@ -43,6 +43,7 @@ from topup import repo
 from topup.errors import (
     StripeUnavailable,
     TopUpAmountInvalid,
+    TopUpAmountNotPayable,
     TopUpNotFound,
     TopUpsDisabled,
     WebhookPayloadInvalid,
@@ -268,7 +269,7 @@ class TopUps:
                     currency=wallet.currency,
                     customer_id=customer_id,
                 )
-            except TopUpAmountInvalid as refused:
+            except TopUpAmountNotPayable as refused:
                 async with self.pool.acquire(timeout=self._timeout_s) as conn:
                     await repo.set_topup_state(conn, row.id, _failed(row, refused.detail))
                 raise
@@ -289,7 +290,7 @@ class TopUps:
         amount_minor = micros_to_minor(amount_micros, currency)
         if amount_minor is None:
             step = minor_to_micros(1, currency)
-            raise TopUpAmountInvalid(
+            raise TopUpAmountNotPayable(
                 f"amount_micros: {currency} is paid in whole minor units, multiples of {step} micros",
                 fields=["amount_micros"],
             )

@@ -10,12 +10,15 @@ from litestar import Controller, Response, get, post
 from litestar.params import Parameter
 
 from centime.errors import InvalidRequest
-from centime.wire import decode_body, json_body, parse_cursor, problem_responses
+from centime.wire import Cursor, PathId, decode_body, json_body, parse_cursor, problem_responses
 from wallet.holds import Holds
 from wallet.owners import OwnerIds
 from wallet.schemas import (
     BATCH_BODY_BYTES_MAX,
+    CLIENT_KEY_PATTERN,
     IDEMPOTENCY_KEY_CHARS_MAX,
+    NO_NUL,
+    OWNER_ID_CHARS_MAX,
     PAGE_SIZE_DEFAULT,
     PAGE_SIZE_MAX,
     BatchResult,
@@ -43,6 +46,17 @@ IdempotencyKey = Annotated[
         description="Unique per wallet and request; a retry with the same key and body replays the result.",
     ),
 ]
+EntryIdempotencyKey = Annotated[
+    str,
+    Parameter(
+        header="Idempotency-Key",
+        min_length=1,
+        max_length=IDEMPOTENCY_KEY_CHARS_MAX,
+        description="Unique per wallet and request; a retry with the same key and body replays the result. "
+        "Keys beginning with 'hold:' are reserved for hold captures.",
+        schema_extra={"pattern": CLIENT_KEY_PATTERN},
+    ),
+]
 REPLAYED = {"Idempotent-Replayed": "true"}
 # Every handler that touches wallets takes `owner_ids`, the owners its API key
 # sees (None: every owner), provided by the app (centime/app.py) from the key.
@@ -61,7 +75,7 @@ class WalletController(Controller):
         opt={"scope": "admin"},
         summary="Create a wallet",
         operation_class=json_body(CreateWallet),
-        responses=problem_responses(400, 401, 403, 409, 503),
+        responses=problem_responses(400, 401, 403, 409, 413, 503),
     )
     async def create_wallet(self, body: bytes, wallets: Wallets, owner_ids: OwnerIds) -> Wallet:
         return await wallets.create_wallet(decode_body(body, CreateWallet), owner_ids=owner_ids)
@@ -76,7 +90,7 @@ class WalletController(Controller):
         self,
         wallets: Wallets,
         owner_ids: OwnerIds,
-        owner_id: Annotated[str, Parameter(min_length=1, max_length=128)],
+        owner_id: Annotated[str, Parameter(min_length=1, max_length=OWNER_ID_CHARS_MAX, pattern=NO_NUL)],
     ) -> WalletList:
         return WalletList(data=await wallets.list_wallets(owner_id, owner_ids=owner_ids))
 
@@ -86,7 +100,7 @@ class WalletController(Controller):
         summary="Get a wallet",
         responses=problem_responses(401, 404, 503),
     )
-    async def get_wallet(self, wallet_id: str, wallets: Wallets, owner_ids: OwnerIds) -> Wallet:
+    async def get_wallet(self, wallet_id: PathId, wallets: Wallets, owner_ids: OwnerIds) -> Wallet:
         return await wallets.get_wallet(parse_wallet_id(wallet_id), owner_ids=owner_ids)
 
     @post(
@@ -94,15 +108,15 @@ class WalletController(Controller):
         opt={"scope": "debit"},
         summary="Debit a wallet",
         status_code=201,
-        responses=problem_responses(400, 401, 402, 403, 404, 409, 503),
+        responses=problem_responses(400, 401, 402, 403, 404, 409, 413, 503),
         operation_class=json_body(CreateDebit),
     )
     async def create_debit(
         self,
-        wallet_id: str,
+        wallet_id: PathId,
         body: bytes,
         wallets: Wallets,
-        idempotency_key: IdempotencyKey,
+        idempotency_key: EntryIdempotencyKey,
         owner_ids: OwnerIds,
     ) -> Response[Entry]:
         data = decode_body(body, CreateDebit)
@@ -122,15 +136,15 @@ class WalletController(Controller):
         opt={"scope": "admin"},
         summary="Credit a wallet (grants, adjustments)",
         status_code=201,
-        responses=problem_responses(400, 401, 403, 404, 409, 503),
+        responses=problem_responses(400, 401, 403, 404, 409, 413, 422, 503),
         operation_class=json_body(CreateCredit),
     )
     async def create_credit(
         self,
-        wallet_id: str,
+        wallet_id: PathId,
         body: bytes,
         wallets: Wallets,
-        idempotency_key: IdempotencyKey,
+        idempotency_key: EntryIdempotencyKey,
         owner_ids: OwnerIds,
     ) -> Response[Entry]:
         data = decode_body(body, CreateCredit)
@@ -150,11 +164,16 @@ class WalletController(Controller):
         opt={"scope": "debit"},
         summary="Hold part of a wallet's balance (capture or release it later)",
         status_code=201,
-        responses=problem_responses(400, 401, 402, 403, 404, 409, 503),
+        responses=problem_responses(400, 401, 402, 403, 404, 409, 413, 503),
         operation_class=json_body(CreateHold),
     )
     async def create_hold(
-        self, wallet_id: str, body: bytes, holds: Holds, idempotency_key: IdempotencyKey, owner_ids: OwnerIds
+        self,
+        wallet_id: PathId,
+        body: bytes,
+        holds: Holds,
+        idempotency_key: IdempotencyKey,
+        owner_ids: OwnerIds,
     ) -> Response[Hold]:
         data = decode_body(body, CreateHold)
         hold, replayed = await holds.create_hold(
@@ -176,11 +195,11 @@ class WalletController(Controller):
     )
     async def list_entries(
         self,
-        wallet_id: str,
+        wallet_id: PathId,
         wallets: Wallets,
         owner_ids: OwnerIds,
         limit: Annotated[int, Parameter(ge=1, le=PAGE_SIZE_MAX)] = PAGE_SIZE_DEFAULT,
-        starting_after: str | None = None,
+        starting_after: Cursor = None,
     ) -> EntryPage:
         cursor = parse_cursor(starting_after, field="starting_after", names="an entry id")
         return await wallets.list_entries(
@@ -198,7 +217,7 @@ class HoldController(Controller):
         summary="Get a hold",
         responses=problem_responses(401, 404, 503),
     )
-    async def get_hold(self, hold_id: str, holds: Holds, owner_ids: OwnerIds) -> Hold:
+    async def get_hold(self, hold_id: PathId, holds: Holds, owner_ids: OwnerIds) -> Hold:
         return await holds.get_hold(parse_hold_id(hold_id), owner_ids=owner_ids)
 
     @post(
@@ -206,10 +225,10 @@ class HoldController(Controller):
         opt={"scope": "debit"},
         summary="Capture a hold: debit the actual cost, release the rest",
         status_code=200,
-        responses=problem_responses(400, 401, 403, 404, 409, 503),
+        responses=problem_responses(400, 401, 403, 404, 409, 413, 503),
         operation_class=json_body(CaptureHold),
     )
-    async def capture(self, hold_id: str, body: bytes, holds: Holds, owner_ids: OwnerIds) -> Capture:
+    async def capture(self, hold_id: PathId, body: bytes, holds: Holds, owner_ids: OwnerIds) -> Capture:
         data = decode_body(body, CaptureHold)
         return await holds.capture(
             parse_hold_id(hold_id), amount_micros=data.amount_micros, owner_ids=owner_ids
@@ -222,7 +241,7 @@ class HoldController(Controller):
         status_code=200,
         responses=problem_responses(401, 403, 404, 409, 503),
     )
-    async def release(self, hold_id: str, holds: Holds, owner_ids: OwnerIds) -> Hold:
+    async def release(self, hold_id: PathId, holds: Holds, owner_ids: OwnerIds) -> Hold:
         return await holds.release(parse_hold_id(hold_id), owner_ids=owner_ids)
 
 

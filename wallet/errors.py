@@ -52,9 +52,12 @@ class LedgerRefused(CentimeError):
 
 
 class BalanceTooLarge(CentimeError):
-    status = 400
-    code = "invalid_request"
-    title = "Invalid request"
+    """A well-formed credit the wallet's balance cannot take: it would pass
+    AMOUNT_MICROS_MAX. 422, not 400: the request is valid, the state refuses it."""
+
+    status = 422
+    code = "balance_too_large"
+    title = "Balance too large"
 
 
 class HoldNotFound(NotFound):

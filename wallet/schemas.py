@@ -17,6 +17,7 @@ METADATA_KEY_CHARS_MAX = 40
 METADATA_VALUE_CHARS_MAX = 500
 DESCRIPTION_CHARS_MAX = 1000
 IDEMPOTENCY_KEY_CHARS_MAX = 255
+OWNER_ID_CHARS_MAX = 128
 PAGE_SIZE_MAX = 100
 PAGE_SIZE_DEFAULT = 20
 WALLETS_PER_OWNER_MAX = 100
@@ -27,8 +28,10 @@ BATCH_BODY_BYTES_MAX = 4 * 1024 * 1024
 """A full batch with long descriptions fits; the single-request limit (64 KiB) does not."""
 
 NO_NUL = "^[^\\x00]*$"
-"""Postgres text cannot hold NUL; refuse it at the door, not in a commit."""
-OwnerId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=NO_NUL)]
+"""Postgres text cannot hold NUL; refuse it at the door, not in a commit.
+Python's `$` also matches before a final newline, ECMA's does not; here both
+engines agree, because the class before it takes newlines too."""
+OwnerId = Annotated[str, msgspec.Meta(min_length=1, max_length=OWNER_ID_CHARS_MAX, pattern=NO_NUL)]
 Description = Annotated[str, msgspec.Meta(max_length=DESCRIPTION_CHARS_MAX, pattern=NO_NUL)]
 MetadataKey = Annotated[str, msgspec.Meta(min_length=1, max_length=METADATA_KEY_CHARS_MAX, pattern=NO_NUL)]
 MetadataValue = Annotated[str, msgspec.Meta(max_length=METADATA_VALUE_CHARS_MAX, pattern=NO_NUL)]
@@ -36,11 +39,21 @@ Metadata = Annotated[
     dict[MetadataKey, MetadataValue],
     msgspec.Meta(
         max_length=METADATA_KEYS_MAX,
-        description=f"At most {METADATA_KEYS_MAX} string keys and values.",
+        description=f"At most {METADATA_KEYS_MAX} keys of 1 to {METADATA_KEY_CHARS_MAX} characters, "
+        f"each with a string value of at most {METADATA_VALUE_CHARS_MAX} characters; no NUL.",
     ),
 ]
+CLIENT_KEY_PATTERN = "^(?!hold:)[^\\x00]*$"
+"""What the OpenAPI states of a debit's or credit's idempotency key: keys
+beginning with 'hold:' are the captures' (wallet.service.RESERVED_KEY_PREFIX)."""
 IdempotencyKeyText = Annotated[
-    str, msgspec.Meta(min_length=1, max_length=IDEMPOTENCY_KEY_CHARS_MAX, pattern=NO_NUL)
+    str,
+    msgspec.Meta(
+        min_length=1,
+        max_length=IDEMPOTENCY_KEY_CHARS_MAX,
+        pattern=NO_NUL,
+        extra_json_schema={"pattern": CLIENT_KEY_PATTERN},
+    ),
 ]
 Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=DESCRIPTION_CHARS_MAX, pattern=NO_NUL)]
 

@@ -32,7 +32,7 @@ from centime.settings import Settings
 from centime.wire import STORAGE_ERRORS, problem_answer
 from ledger import repo as ledger_repo
 from ledger.accounts import credit_lines, debit_lines
-from ledger.ids import uuid7
+from ledger.ids import parse_uuid, uuid7
 from ledger.schemas import EntryRecord, KeyHolder
 from ledger.writer import (
     CommitFailed,
@@ -124,10 +124,10 @@ def request_hash(kind: str, amount_micros: int, description: str | None, metadat
 
 def _parse_id(raw: str, not_found: type[NotFound], noun: str) -> uuid.UUID:
     """A path id that is not a UUID names nothing: 404, like any unknown id."""
-    try:
-        return uuid.UUID(raw)
-    except ValueError:
-        raise not_found(f"no {noun} {raw!r}") from None
+    parsed = parse_uuid(raw)
+    if parsed is None:
+        raise not_found(f"no {noun} {raw!r}")
+    return parsed
 
 
 def parse_wallet_id(raw: str) -> uuid.UUID:

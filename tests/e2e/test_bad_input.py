@@ -147,7 +147,17 @@ CASES = [
     bad_credit("credit-amount-zero", "amount_micros", json={"amount_micros": 0, "reason": "r"}),
     bad_credit("credit-amount-negative", "amount_micros", json={"amount_micros": -5, "reason": "r"}),
     bad_credit("credit-amount-2**53", "amount_micros", json={"amount_micros": 2**53, "reason": "r"}),
-    bad_credit("credit-balance-overflow", "amount_micros", json={"amount_micros": MAX, "reason": "r"}),
+    # Well-formed, refused for the wallet's state (its balance): 422, not 400.
+    case(
+        "credit-balance-overflow",
+        "POST",
+        CREDIT,
+        422,
+        "balance_too_large",
+        "amount_micros",
+        key="admin",
+        json={"amount_micros": MAX, "reason": "r"},
+    ),
     accepted_debit("amount-2**53-1-is-valid", json={"amount_micros": MAX}),
     # --- description / reason ---------------------------------------------
     bad_debit("description-1001-chars", "description", json={**ONE, "description": "d" * 1001}),

@@ -141,3 +141,15 @@ async def test_health_and_schema(client: httpx.AsyncClient) -> None:
     metrics = (await client.get("/metrics")).text
     assert "centime_debit_latency_seconds" in metrics
     assert "centime_commit_batch_entries" in metrics
+
+
+async def test_a_credit_the_balance_cannot_take_is_422(client: httpx.AsyncClient, keys: Keys) -> None:
+    """Well-formed (the OpenAPI allows 2**53 - 1), refused for the wallet's state: 422, not 400."""
+    wallet_id = await new_wallet(client, keys, funded_micros=2**53 - 1)
+    refused = await client.post(
+        f"/v1/wallets/{wallet_id}/credits",
+        json={"amount_micros": 1, "reason": "one too many"},
+        headers=auth(keys.admin, "too-much"),
+    )
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["code"] == "balance_too_large" and refused.json()["fields"] == ["amount_micros"]

@@ -166,8 +166,9 @@ async def test_a_bad_signature_is_refused_and_changes_nothing(
         {},
     ):
         response = await http.post("/v1/webhooks/stripe", content=event, headers=headers)
-        assert response.status_code == 400, response.text
+        assert response.status_code == 401, response.text
         assert response.json()["code"] == "webhook_signature_invalid"
+        assert response.headers["www-authenticate"].startswith("Stripe-Signature")
         assert response.headers["content-type"].startswith("application/problem+json")
         assert response.headers["x-content-type-options"] == "nosniff"
     tampered = event.replace(b'"amount": 200', b'"amount": 900')
@@ -176,7 +177,7 @@ async def test_a_bad_signature_is_refused_and_changes_nothing(
         content=tampered,
         headers={"Stripe-Signature": sign(event, STRIPE_WEBHOOK_SECRET)},
     )
-    assert response.status_code == 400
+    assert response.status_code == 401
     # The real, signed delivery from the fake still credits it, once.
 
     async def credited() -> bool:
@@ -318,23 +319,24 @@ async def test_a_declined_card_fails_the_topup_and_credits_nothing(
 
 
 @pytest.mark.parametrize(
-    ("amount_micros", "fragment"),
+    ("amount_micros", "status", "code", "fragment"),
     [
-        (499_999, "between 500000 and 10000000000"),
-        (10_000_000_001, "between 500000 and 10000000000"),
-        (1_000_001, "multiples of 10000 micros"),
+        (499_999, 400, "invalid_request", "between 500000 and 10000000000"),
+        (10_000_000_001, 400, "invalid_request", "between 500000 and 10000000000"),
+        # Within the bounds the OpenAPI states, but not whole cents: the wallet refuses it.
+        (1_000_001, 422, "amount_not_payable", "multiples of 10000 micros"),
     ],
 )
 async def test_topup_amounts_outside_the_rules_are_refused(
-    http: httpx.AsyncClient, keys: Keys, amount_micros: int, fragment: str
+    http: httpx.AsyncClient, keys: Keys, amount_micros: int, status: int, code: str, fragment: str
 ) -> None:
     wallet_id = await new_wallet(http, keys)
     response = await http.post(
         f"/v1/wallets/{wallet_id}/topups", json={"amount_micros": amount_micros}, headers=auth(keys.debit)
     )
-    assert response.status_code == 400, response.text
+    assert response.status_code == status, response.text
     body = response.json()
-    assert body["code"] == "invalid_request" and body["fields"] == ["amount_micros"]
+    assert body["code"] == code and body["fields"] == ["amount_micros"]
     assert fragment in body["detail"]
 
 
@@ -343,7 +345,7 @@ async def test_a_jpy_topup_is_whole_yen(http: httpx.AsyncClient, keys: Keys) -> 
     refused = await http.post(
         f"/v1/wallets/{wallet_id}/topups", json={"amount_micros": 1_500_000}, headers=auth(keys.debit)
     )
-    assert refused.status_code == 400 and "multiples of 1000000 micros" in refused.json()["detail"]
+    assert refused.status_code == 422 and "multiples of 1000000 micros" in refused.json()["detail"]
     accepted = await start_topup(http, keys, wallet_id, 500_000_000)
     assert accepted["currency"] == "jpy"
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import secrets
 import sys
 import uuid
@@ -36,7 +37,7 @@ from ledger.accounts import (
     reversal_of,
     system_account_id,
 )
-from ledger.ids import uuid7
+from ledger.ids import UUID_PATTERN, parse_uuid, uuid7
 from ledger.schemas import EntryRecord
 from wallet.service import request_hash
 
@@ -406,3 +407,24 @@ def test_the_shipped_query_files_load() -> None:
     assert "insert_entries" in load_queries("ledger")
     assert "insert_wallet" in load_queries("wallet")
     assert "migrations_lock" in load_queries("centime", "queries/queries.sql")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "01a23b12-9995-71a3-9745-e71dc0721c86\n",  # Python's `$` alone would take this
+        "{01a23b12-9995-71a3-9745-e71dc0721c86}",
+        "urn:uuid:01a23b12-9995-71a3-9745-e71dc0721c86",
+        "01a23b12999571a39745e71dc0721c86",
+        "01a23b12-9995-71a3-9745-e71dc0721c8",
+        "",
+    ],
+)
+def test_an_id_is_a_uuid_only_as_the_openapi_writes_it(raw: str) -> None:
+    assert parse_uuid(raw) is None
+    assert re.fullmatch(UUID_PATTERN, raw) is None
+
+
+def test_a_uuid_in_any_case_is_an_id() -> None:
+    raw = "01A23B12-9995-71a3-9745-e71dc0721c86"
+    assert parse_uuid(raw) == uuid.UUID(raw)

@@ -31,7 +31,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from centime import metrics
-from centime.auth import KeyStore, check_route_scopes, require_scope
+from centime.auth import PUBLIC_SCOPE, KeyStore, check_route_scopes, require_scope
 from centime.errors import CentimeError
 from centime.fast_debits import fast_debits
 from centime.settings import Settings, load_settings
@@ -153,12 +153,12 @@ _API_KEY_SECURITY = SecurityScheme(
 
 def state_api_keys(app: Litestar) -> None:
     """Every route that names a scope (centime.auth.require_scope) says in the
-    OpenAPI that it needs a bearer API key of that scope; the routes that name
-    none (the Stripe webhook) need none."""
+    OpenAPI that it needs a bearer API key of that scope; the public ones (the
+    Stripe webhook, which Stripe signs) need none."""
     for route in app.routes:
         for handler in getattr(route, "route_handlers", ()):
             scope = handler.opt.get("scope")
-            if scope is not None:
+            if scope is not None and scope != PUBLIC_SCOPE:
                 handler.security = [{API_KEY_SCHEME: [scope]}]
 
 

@@ -34,7 +34,13 @@ from centime.auth import KeyStore, require_scope
 from centime.errors import CentimeError
 from centime.fast_debits import fast_debits
 from centime.settings import Settings, load_settings
-from centime.wire import REQUEST_BODY_BYTES_MAX, STORAGE_ERRORS, problem_answer, problem_body
+from centime.wire import (
+    REQUEST_BODY_BYTES_MAX,
+    STORAGE_ERRORS,
+    check_query,
+    problem_answer,
+    problem_body,
+)
 from ledger.writer import LedgerWriter
 from reconcile.api import ReconciliationController
 from topup.api import CheckoutController, TopUpController
@@ -129,6 +135,19 @@ def count_requests(app: ASGIApp) -> ASGIApp:
             await send(message)
 
         await app(scope, receive, counting_send)
+
+    return middleware
+
+
+def refuse_bad_query(app: ASGIApp) -> ASGIApp:
+    """ASGI middleware: a query parameter that is not UTF-8 text without NUL
+    is a 400 (centime.wire.check_query), before the guard or any handler
+    touches storage."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("query_string"):
+            check_query(scope["query_string"])
+        await app(scope, receive, send)
 
     return middleware
 
@@ -304,7 +323,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ],
         lifespan=[lifespan],
         guards=[require_scope],
-        middleware=[count_requests],
+        middleware=[count_requests, refuse_bad_query],
         dependencies={"wallets": Provide(_wallets), "holds": Provide(_holds), "topups": Provide(_topups)},
         exception_handlers={
             CentimeError: _raised_error,

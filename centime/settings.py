@@ -42,6 +42,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     sweeper_batch_max: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 500
     # Serve POST /v1/wallets/{id}/debits in front of the framework (centime/fast_debits.py).
     fast_debits: bool = True
+    # Active (not yet captured, released or expired) holds per wallet: each costs Redis memory.
+    holds_per_wallet_max: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1000
     # API keys are cached in-process this long after a lookup.
     api_key_cache_ttl_s: Annotated[int, msgspec.Meta(ge=0, le=3600)] = 10
     log_level: Annotated[str, msgspec.Meta(pattern="^(DEBUG|INFO|WARNING|ERROR)$")] = "INFO"

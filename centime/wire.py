@@ -317,7 +317,8 @@ def json_body(struct: type) -> type[Operation]:
 
 class Problem(msgspec.Struct, kw_only=True):
     """RFC 9457 problem details, as every error is answered. Some codes add
-    members: `balance_micros` (insufficient_funds), `fields` (invalid_request)."""
+    members: `balance_micros` (insufficient_funds), `fields` (invalid_request),
+    `holds_per_wallet_max` (too_many_holds)."""
 
     type: str
     title: str
@@ -341,12 +342,15 @@ PROBLEM_DESCRIPTIONS = {
 }
 
 
-def problem_responses(*statuses: int) -> dict[int, ResponseSpec]:
-    """OpenAPI entries for the problems a route can answer."""
+def problem_responses(*statuses: int, described: dict[int, str] | None = None) -> dict[int, ResponseSpec]:
+    """OpenAPI entries for the problems a route can answer; `described`
+    replaces the shared description of a status where the route's own is
+    more precise."""
+    descriptions = {**PROBLEM_DESCRIPTIONS, **(described or {})}
     return {
         status: ResponseSpec(
             data_container=Problem,
-            description=PROBLEM_DESCRIPTIONS[status],
+            description=descriptions[status],
             media_type="application/problem+json",
             generate_examples=False,
         )

@@ -43,6 +43,11 @@ IdempotencyKey = Annotated[
     ),
 ]
 REPLAYED = {"Idempotent-Replayed": "true"}
+HOLD_CONFLICTS = (
+    "idempotency_conflict, wallet_frozen, or too_many_holds: the wallet has as many active holds "
+    "as CENTIME_HOLDS_PER_WALLET_MAX allows (`holds_per_wallet_max` says how many); capture or "
+    "release one, or wait for one to expire"
+)
 
 
 def _entry_response(entry: Entry, replayed: bool) -> Response[Entry]:
@@ -132,7 +137,7 @@ class WalletController(Controller):
         opt={"scope": "debit"},
         summary="Hold part of a wallet's balance (capture or release it later)",
         status_code=201,
-        responses=problem_responses(400, 401, 402, 403, 404, 409, 503),
+        responses=problem_responses(400, 401, 402, 403, 404, 409, 503, described={409: HOLD_CONFLICTS}),
         operation_class=json_body(CreateHold),
     )
     async def create_hold(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hmac
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -31,7 +32,7 @@ from redis.backoff import NoBackoff
 
 from centime import metrics
 from centime.auth import KeyStore, require_scope
-from centime.errors import CentimeError
+from centime.errors import CentimeError, Unauthorized
 from centime.fast_debits import fast_debits
 from centime.settings import Settings, load_settings
 from centime.wire import (
@@ -201,8 +202,19 @@ async def readyz(state: State) -> Response[dict[str, str]]:
     return Response(checks, status_code=200 if ready else 503)
 
 
+def check_metrics_token(authorization: str, token: str | None) -> None:
+    """With CENTIME_METRICS_TOKEN set, /metrics needs `Authorization: Bearer
+    <token>`, compared in constant time; unset, it is open."""
+    if token is None:
+        return
+    scheme, _, presented = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), token.encode()):
+        raise Unauthorized("send the metrics token: Authorization: Bearer <CENTIME_METRICS_TOKEN>")
+
+
 @get("/metrics", include_in_schema=False)
-async def metrics_endpoint() -> Response[bytes]:
+async def metrics_endpoint(request: Request, state: State) -> Response[bytes]:
+    check_metrics_token(request.headers.get("authorization", ""), state.metrics_token)
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -281,6 +293,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             topups=TopUps(pool=pool, cache=cache, gateway=gateway, settings=settings),
             timeout_s=timeout_s,
             key_store=KeyStore(pool, settings.api_key_cache_ttl_s),
+            metrics_token=settings.metrics_token,
         )
         writer.start()
         # What exists now lives as long as the process: out of the collector's

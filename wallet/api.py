@@ -83,7 +83,7 @@ class WalletController(Controller):
         "/{wallet_id:str}",
         opt={"scope": "read"},
         summary="Get a wallet",
-        responses=problem_responses(401, 404, 503),
+        responses=problem_responses(400, 401, 404, 503),
     )
     async def get_wallet(self, wallet_id: str, wallets: Wallets) -> Wallet:
         return await wallets.get_wallet(parse_wallet_id(wallet_id))
@@ -179,7 +179,7 @@ class HoldController(Controller):
         "/{hold_id:str}",
         opt={"scope": "read"},
         summary="Get a hold",
-        responses=problem_responses(401, 404, 503),
+        responses=problem_responses(400, 401, 404, 503),
     )
     async def get_hold(self, hold_id: str, holds: Holds) -> Hold:
         return await holds.get_hold(parse_hold_id(hold_id))
@@ -201,7 +201,7 @@ class HoldController(Controller):
         opt={"scope": "debit"},
         summary="Release a hold",
         status_code=200,
-        responses=problem_responses(401, 403, 404, 409, 503),
+        responses=problem_responses(400, 401, 403, 404, 409, 503),
     )
     async def release(self, hold_id: str, holds: Holds) -> Hold:
         return await holds.release(parse_hold_id(hold_id))

@@ -553,3 +553,15 @@ async def test_no_lenient_number_charged_anything(
     if not _SENT_PATHS & {LENIENT_DEBIT, LENIENT_CREDIT}:
         pytest.skip("no request of the table aimed at the lenient wallet")
     await _assert_untouched(client, keys, wallets.lenient, FUNDED_MICROS)
+
+
+async def test_every_route_documents_its_400(client: httpx.AsyncClient) -> None:
+    """Any route may answer 400 (a query parameter with NUL or not UTF-8): the schema says so."""
+    schema = (await client.get("/schema/openapi.json")).json()
+    missing = [
+        f"{method.upper()} {path}"
+        for path, operations in schema["paths"].items()
+        for method, operation in operations.items()
+        if "400" not in operation["responses"]
+    ]
+    assert missing == []

@@ -175,9 +175,9 @@ def decode_body(body: bytes, struct: type[T]) -> T:
 # the key tokens are counted by a regular expression.
 # Measured (timeit, min of 9 runs, the shared 2-core VM, so ranges): on
 # `{"amount_micros": 1000, "description": "x"}` the typed decode takes
-# 0.8-1.0 us and this check 1.0-1.4 us more (2.4-2.9 us with a colon in a
+# 0.8-1.0 us and this check 1.0-1.6 us more (2.4-3.9 us with a colon in a
 # string); json.loads with an object_pairs_hook, the obvious alternative,
-# 5.8-7.8 us. So about 0.5% of the server's 180-250 us of CPU per debit
+# 5.8-7.8 us. So under 1% of the server's 180-250 us of CPU per debit
 # (docs/performance.md). A batch of 1,000 debits: about 1.5 ms, as long as
 # its typed decode.
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"(\s*:)?')

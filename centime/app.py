@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hmac
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -32,10 +33,16 @@ from redis.backoff import NoBackoff
 
 from centime import metrics
 from centime.auth import PUBLIC_SCOPE, KeyStore, check_route_scopes, require_scope
-from centime.errors import CentimeError
+from centime.errors import CentimeError, Unauthorized
 from centime.fast_debits import fast_debits
 from centime.settings import Settings, load_settings
-from centime.wire import REQUEST_BODY_BYTES_MAX, STORAGE_ERRORS, problem_answer, problem_body
+from centime.wire import (
+    REQUEST_BODY_BYTES_MAX,
+    STORAGE_ERRORS,
+    check_query,
+    problem_answer,
+    problem_body,
+)
 from ledger.writer import LedgerWriter
 from reconcile.api import ReconciliationController
 from topup.api import (
@@ -185,6 +192,19 @@ def count_requests(app: ASGIApp) -> ASGIApp:
     return middleware
 
 
+def refuse_bad_query(app: ASGIApp) -> ASGIApp:
+    """ASGI middleware: a query parameter that is not UTF-8 text without NUL
+    is a 400 (centime.wire.check_query), before the guard or any handler
+    touches storage."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("query_string"):
+            check_query(scope["query_string"])
+        await app(scope, receive, send)
+
+    return middleware
+
+
 async def _wallets(state: State) -> Wallets:
     return state.wallets
 
@@ -239,8 +259,19 @@ async def readyz(state: State) -> Response[dict[str, str]]:
     return Response(checks, status_code=200 if ready else 503)
 
 
+def check_metrics_token(authorization: str, token: str | None) -> None:
+    """With CENTIME_METRICS_TOKEN set, /metrics needs `Authorization: Bearer
+    <token>`, compared in constant time; unset, it is open."""
+    if token is None:
+        return
+    scheme, _, presented = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), token.encode()):
+        raise Unauthorized("send the metrics token: Authorization: Bearer <CENTIME_METRICS_TOKEN>")
+
+
 @get("/metrics", include_in_schema=False)
-async def metrics_endpoint() -> Response[bytes]:
+async def metrics_endpoint(request: Request, state: State) -> Response[bytes]:
+    check_metrics_token(request.headers.get("authorization", ""), state.metrics_token)
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -330,6 +361,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             topups=TopUps(pool=pool, cache=cache, gateway=gateway, settings=settings),
             timeout_s=timeout_s,
             key_store=key_store,
+            metrics_token=settings.metrics_token,
         )
         writer.start()
         # What exists now lives as long as the process: out of the collector's
@@ -374,7 +406,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ],
         lifespan=[lifespan],
         guards=[require_scope],
-        middleware=[count_requests],
+        middleware=[count_requests, refuse_bad_query],
         before_send=[truthful_options],
         dependencies={
             "wallets": Provide(_wallets),

@@ -22,7 +22,7 @@ from litestar.types import Receive, Scope, Send
 from centime import metrics
 from centime.auth import authorize
 from centime.errors import CentimeError, InvalidRequest
-from centime.wire import REQUEST_BODY_BYTES_MAX, decode_body, problem_answer
+from centime.wire import REQUEST_BODY_BYTES_MAX, check_query, decode_body, problem_answer
 from wallet.schemas import IDEMPOTENCY_KEY_CHARS_MAX, CreateDebit
 from wallet.service import parse_wallet_id
 
@@ -98,6 +98,8 @@ def fast_debits(app: Litestar) -> Any:
                 announced = int(value)
         try:
             state = app.state
+            if scope.get("query_string"):  # as the Litestar app's middleware does, before its guard
+                check_query(scope["query_string"])
             key = await authorize(authorization or "", "debit", state.key_store)
             # The order of Litestar's checks: the body's size, then the header, then the body.
             body = await read_body(receive, announced)

@@ -94,7 +94,7 @@ class TopUpController(Controller):
         "/topups/{topup_id:str}",
         opt={"scope": "read"},
         summary="Get a top-up",
-        responses=problem_responses(401, 404, 503),
+        responses=problem_responses(400, 401, 404, 503),
     )
     async def get_topup(self, topup_id: PathId, topups: TopUps, owner_ids: OwnerIds) -> TopUp:
         return await topups.get_topup(parse_topup_id(topup_id), owner_ids=owner_ids)

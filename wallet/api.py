@@ -61,6 +61,12 @@ REPLAYED = {"Idempotent-Replayed": "true"}
 # Every handler that touches wallets takes `owner_ids`, the owners its API key
 # sees (None: every owner), provided by the app (centime/app.py) from the key.
 
+HOLD_CONFLICTS = (
+    "idempotency_conflict, wallet_frozen, or too_many_holds: the wallet has as many active holds "
+    "as CENTIME_HOLDS_PER_WALLET_MAX allows (`holds_per_wallet_max` says how many); capture or "
+    "release one, or wait for one to expire"
+)
+
 
 def _entry_response(entry: Entry, replayed: bool) -> Response[Entry]:
     return Response(entry, status_code=201, headers=REPLAYED if replayed else None)
@@ -98,7 +104,7 @@ class WalletController(Controller):
         "/{wallet_id:str}",
         opt={"scope": "read"},
         summary="Get a wallet",
-        responses=problem_responses(401, 404, 503),
+        responses=problem_responses(400, 401, 404, 503),
     )
     async def get_wallet(self, wallet_id: PathId, wallets: Wallets, owner_ids: OwnerIds) -> Wallet:
         return await wallets.get_wallet(parse_wallet_id(wallet_id), owner_ids=owner_ids)
@@ -164,7 +170,7 @@ class WalletController(Controller):
         opt={"scope": "debit"},
         summary="Hold part of a wallet's balance (capture or release it later)",
         status_code=201,
-        responses=problem_responses(400, 401, 402, 403, 404, 409, 413, 503),
+        responses=problem_responses(400, 401, 402, 403, 404, 409, 413, 503, described={409: HOLD_CONFLICTS}),
         operation_class=json_body(CreateHold),
     )
     async def create_hold(
@@ -215,7 +221,7 @@ class HoldController(Controller):
         "/{hold_id:str}",
         opt={"scope": "read"},
         summary="Get a hold",
-        responses=problem_responses(401, 404, 503),
+        responses=problem_responses(400, 401, 404, 503),
     )
     async def get_hold(self, hold_id: PathId, holds: Holds, owner_ids: OwnerIds) -> Hold:
         return await holds.get_hold(parse_hold_id(hold_id), owner_ids=owner_ids)
@@ -239,7 +245,7 @@ class HoldController(Controller):
         opt={"scope": "debit"},
         summary="Release a hold",
         status_code=200,
-        responses=problem_responses(401, 403, 404, 409, 503),
+        responses=problem_responses(400, 401, 403, 404, 409, 503),
     )
     async def release(self, hold_id: PathId, holds: Holds, owner_ids: OwnerIds) -> Hold:
         return await holds.release(parse_hold_id(hold_id), owner_ids=owner_ids)

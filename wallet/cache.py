@@ -260,7 +260,9 @@ class Cache:
         expires_in_s: int,
         idempotency_key: str,
         ttl_s: int,
+        holds_max: int,
     ) -> list[Any]:
+        """Reserve an amount (hold.lua), unless the wallet has `holds_max` active holds."""
         p = self.partition(wallet_id)
         invariant(self.hold_partition(hold_id) == p, f"hold {hold_id} is not in its wallet's partition")
         keys = [
@@ -279,6 +281,7 @@ class Cache:
             ttl_s,
             str(wallet_id),
             AMOUNT_MICROS_MAX,
+            holds_max,
         ]
         return await self._run("hold", keys, args)
 

@@ -65,6 +65,13 @@ class HoldNotFound(NotFound):
     title = "Hold not found"
 
 
+class TooManyHolds(Conflict):
+    """The wallet has as many active holds as CENTIME_HOLDS_PER_WALLET_MAX allows."""
+
+    code = "too_many_holds"
+    title = "Too many active holds"
+
+
 class HoldEnded(Conflict):
     code = "hold_not_held"
     title = "The hold has ended"

@@ -30,6 +30,7 @@ from wallet.errors import (
     IdempotencyConflict,
     InsufficientFunds,
     RequestInProgress,
+    TooManyHolds,
     WalletFrozen,
 )
 from wallet.owners import OwnerIds
@@ -246,6 +247,7 @@ class Holds:
                 expires_in_s=expires_in_s,
                 idempotency_key=idempotency_key,
                 ttl_s=self.settings.idempotency_ttl_s,
+                holds_max=self.settings.holds_per_wallet_max,
             )
             status = result[0].decode()
             if status == "ok":
@@ -262,6 +264,13 @@ class Holds:
                 )
             if status == "frozen":
                 raise WalletFrozen(f"wallet {wallet_id} is frozen", balance_micros=int(result[1]))
+            if status == "too_many":
+                bound = self.settings.holds_per_wallet_max
+                raise TooManyHolds(
+                    f"wallet {wallet_id} has {int(result[1])} active holds, the most it may have "
+                    f"(CENTIME_HOLDS_PER_WALLET_MAX={bound}); capture or release one first",
+                    holds_per_wallet_max=bound,
+                )
             if status == "insufficient":
                 balance, held = int(result[1]), int(result[2])
                 raise InsufficientFunds(

@@ -72,6 +72,10 @@ def bad_wallet(id: str, *detail_has: str, bug: str = "", **kw: Any):
     return case(id, "POST", WALLETS, 400, "invalid_request", *detail_has, key="admin", bug=bug, **kw)
 
 
+def bad_read(id: str, path: str, *detail_has: str, key: str | None = "read", **kw: Any):
+    return case(id, "GET", path, 400, "invalid_request", *detail_has, key=key, **kw)
+
+
 def accepted_debit(id: str, bug: str = "", **kw: Any):
     """Valid on the schema level: on the empty wallet it is refused for funds."""
     return case(id, "POST", EMPTY_DEBIT, 402, "insufficient_funds", bug=bug, **kw)
@@ -104,6 +108,31 @@ CASES = [
     bad_wallet("wallet-json-list", json=[]),
     bad_wallet("wallet-json-string", json="usd"),
     bad_wallet("wallet-json-null", json=None),
+    # --- Not UTF-8, or a key twice ----------------------------------------
+    bad_debit("debit-body-not-utf8", "UTF-8", content=b'{"amount_micros": 1, "description": "\xff"}'),
+    bad_debit("debit-key-not-utf8", "UTF-8", content=b'{"amount_micros": 1, "metadata": {"\xc3": "v"}}'),
+    bad_debit("debit-lone-surrogate", content=b'{"amount_micros": 1, "description": "\\ud800"}'),
+    bad_credit("credit-body-not-utf8", "UTF-8", content=b'{"amount_micros": 1, "reason": "\xe9t\xe9"}'),
+    bad_wallet("wallet-body-not-utf8", "UTF-8", content=b'{"owner_id": "\xff", "currency": "usd"}'),
+    bad_debit("debit-amount-twice", "amount_micros", content=b'{"amount_micros": 1, "amount_micros": 2}'),
+    bad_debit(
+        "debit-amount-twice-escaped",
+        "amount_micros",
+        content=b'{"amount_micros": 1, "\\u0061mount_micros": 2}',
+    ),
+    bad_debit(
+        "debit-metadata-key-twice",
+        "'k'",
+        content=b'{"amount_micros": 1, "metadata": {"k": "a", "k": "b"}}',
+    ),
+    bad_credit(
+        "credit-reason-twice", "reason", content=b'{"amount_micros": 1, "reason": "a", "reason": "b"}'
+    ),
+    bad_wallet(
+        "wallet-currency-twice",
+        "currency",
+        content=b'{"owner_id": "o-twice", "currency": "usd", "currency": "eur"}',
+    ),
     # --- Unknown and missing fields ---------------------------------------
     bad_debit("debit-unknown-field-typo", "amountt_micros", json={"amountt_micros": 1}),
     bad_debit("debit-unknown-extra-field", "currency", json={"amount_micros": 1, "currency": "usd"}),
@@ -324,6 +353,16 @@ CASES = [
         key="read",
         params={"owner_id": "o" * 129},
     ),
+    # --- Query parameters: NUL or not UTF-8, on any route, named ------------
+    bad_read("wallet-list-owner-nul", WALLETS, "owner_id", params={"owner_id": "a\u0000"}),
+    bad_read("wallet-list-owner-not-utf8", WALLETS + "?owner_id=%FF", "owner_id"),
+    bad_read("wallet-list-owner-cut-utf8", WALLETS + "?owner_id=%C3", "owner_id"),
+    bad_read("wallet-get-unknown-param-nul", WALLET + "?x=%00", "x"),
+    bad_read("wallet-get-nul-before-authorization", WALLET + "?x=%00", "x", key=None),
+    bad_read("entries-limit-nul", ENTRIES + "?limit=1%00", "limit"),
+    bad_debit("debit-query-nul", "x", path=DEBIT + "?x=%00", json=ONE),
+    bad_debit("debit-query-not-utf8", "note", path=DEBIT + "?note=%E9", json=ONE),
+    bad_credit("credit-query-nul", "x", path=CREDIT + "?x=%00", json={**ONE, "reason": "r"}),
     # --- Unknown wallets --------------------------------------------------
     case("wallet-get-unknown", "GET", "/v1/wallets/{missing}", 404, "wallet_not_found", key="read"),
     case("wallet-get-not-uuid", "GET", "/v1/wallets/not-a-uuid", 404, "wallet_not_found", key="read"),
@@ -456,7 +495,7 @@ def _request(client: httpx.AsyncClient, bad: Bad, keys: Keys, wallets: Wallets) 
         headers.update(auth(getattr(keys, bad.key)))
     idempotency_key = bad.idempotency_key
     if idempotency_key is AUTO:
-        posts_entry = bad.method == "POST" and path.endswith(("/debits", "/credits"))
+        posts_entry = bad.method == "POST" and path.partition("?")[0].endswith(("/debits", "/credits"))
         idempotency_key = f"bad-{uuid.uuid4().hex}" if posts_entry else None
     if idempotency_key is not None:
         headers["Idempotency-Key"] = idempotency_key
@@ -524,3 +563,15 @@ async def test_no_lenient_number_charged_anything(
     if not _SENT_PATHS & {LENIENT_DEBIT, LENIENT_CREDIT}:
         pytest.skip("no request of the table aimed at the lenient wallet")
     await _assert_untouched(client, keys, wallets.lenient, FUNDED_MICROS)
+
+
+async def test_every_route_documents_its_400(client: httpx.AsyncClient) -> None:
+    """Any route may answer 400 (a query parameter with NUL or not UTF-8): the schema says so."""
+    schema = (await client.get("/schema/openapi.json")).json()
+    missing = [
+        f"{method.upper()} {path}"
+        for path, operations in schema["paths"].items()
+        for method, operation in operations.items()
+        if "400" not in operation["responses"]
+    ]
+    assert missing == []

@@ -1,19 +1,21 @@
 """Holds over real HTTP: a hold reserves available balance, a capture debits
 the actual cost (more or less than held, within the overdraft limit) and
-releases the rest in one step, releases and expiries end a hold once, and
-every step is recorded in the ledger and the hold_events table."""
+releases the rest in one step, releases and expiries end a hold once,
+every step is recorded in the ledger and the hold_events table, and no
+number of holds at once takes a wallet past CENTIME_HOLDS_PER_WALLET_MAX."""
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
-from conftest import Keys, auth, new_wallet
+from conftest import Keys, Server, auth, new_wallet, start_server, stop_server
 
 from centime.settings import Settings
 
@@ -236,3 +238,56 @@ async def test_holds_racing_debits_never_pass_the_limit(
     state = await wallet(client, keys, wallet_id)
     assert state["available_micros"] >= 0
     assert state["balance_micros"] - state["held_micros"] >= -overdraft
+
+
+HOLDS_MAX = 5
+
+
+@pytest.fixture(scope="module")
+def bounded_server(settings: Settings) -> Iterator[Server]:
+    """The run's database and Redis prefix, at most HOLDS_MAX active holds per wallet."""
+    running = start_server(settings, CENTIME_HOLDS_PER_WALLET_MAX=str(HOLDS_MAX))
+    yield running
+    stop_server(running)
+
+
+@pytest.fixture
+async def bounded(bounded_server: Server) -> AsyncIterator[httpx.AsyncClient]:
+    limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
+    async with httpx.AsyncClient(base_url=bounded_server.base_url, timeout=30, limits=limits) as http:
+        yield http
+
+
+async def test_holds_at_once_never_pass_the_bound_and_ending_one_gives_room(
+    bounded: httpx.AsyncClient, keys: Keys
+) -> None:
+    wallet_id = await new_wallet(bounded, keys, funded_micros=1_000_000)
+    answers = await asyncio.gather(*(hold(bounded, keys, wallet_id, 10) for _ in range(40)))
+    assert sorted(a.status_code for a in answers) == [201] * HOLDS_MAX + [409] * (40 - HOLDS_MAX)
+    refused = next(a for a in answers if a.status_code == 409)
+    assert refused.headers["content-type"] == "application/problem+json"
+    problem = refused.json()
+    assert (problem["code"], problem["holds_per_wallet_max"]) == ("too_many_holds", HOLDS_MAX)
+    assert "CENTIME_HOLDS_PER_WALLET_MAX=5" in problem["detail"]
+    assert (await wallet(bounded, keys, wallet_id))["held_micros"] == 10 * HOLDS_MAX
+
+    held = [a.json()["id"] for a in answers if a.status_code == 201]
+    released = await bounded.post(f"/v1/holds/{held[0]}/release", headers=auth(keys.debit))
+    assert released.status_code == 200, released.text
+    captured = await bounded.post(
+        f"/v1/holds/{held[1]}/capture", json={"amount_micros": 7}, headers=auth(keys.debit)
+    )
+    assert captured.status_code == 200, captured.text
+    again = await asyncio.gather(*(hold(bounded, keys, wallet_id, 10) for _ in range(10)))
+    assert sorted(a.status_code for a in again) == [201] * 2 + [409] * 8
+    state = await wallet(bounded, keys, wallet_id)
+    assert (state["balance_micros"], state["held_micros"]) == (1_000_000 - 7, 10 * HOLDS_MAX)
+
+
+async def test_the_schema_lists_too_many_holds_on_the_hold_route(client: httpx.AsyncClient) -> None:
+    schema = (await client.get("/schema/openapi.json")).json()
+    conflict = schema["paths"]["/v1/wallets/{wallet_id}/holds"]["post"]["responses"]["409"]
+    assert "too_many_holds" in conflict["description"]
+    assert "application/problem+json" in conflict["content"]
+    debit = schema["paths"]["/v1/wallets/{wallet_id}/debits"]["post"]["responses"]["409"]
+    assert "too_many_holds" not in debit["description"]

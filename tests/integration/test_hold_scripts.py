@@ -28,6 +28,7 @@ from wallet.service import decode_payload, encode_payload
 
 TTL_S = 120
 EXPIRES_IN_S = 300
+HOLDS_MAX = 1000
 EXPIRY_WAIT_S = 5.0
 _TAG = re.compile(r"\{([^}]*)\}")
 _CAPTURE_HEAD = b'{"amount_micros":1'
@@ -79,6 +80,7 @@ async def hold(
     expires_in_s: int | str = EXPIRES_IN_S,
     ttl_s: int = TTL_S,
     hold_id: uuid.UUID | None = None,
+    holds_max: int | str = HOLDS_MAX,
 ) -> Held:
     key = key or secrets.token_hex(8)
     hold_id = hold_id or new_hold_id(wallet_id)
@@ -103,6 +105,7 @@ async def hold(
         expires_in_s=expires_in_s,  # type: ignore[arg-type]
         idempotency_key=key,
         ttl_s=ttl_s,
+        holds_max=holds_max,  # type: ignore[arg-type]  (bad values on purpose)
     )
     amount = amount_micros if isinstance(amount_micros, int) else 0
     return Held(_text(reply), hold_id, wallet_id, amount, key, payload)
@@ -178,6 +181,11 @@ async def balance_and_held(cache: Cache, wallet_id: uuid.UUID) -> tuple[int, int
     return int(b), int(h or 0)
 
 
+async def active_holds(cache: Cache, wallet_id: uuid.UUID) -> int:
+    """The wallet's count of active holds (n), the one hold.lua bounds."""
+    return int(await cache.client.hget(cache.wallet_key(wallet_id), "n") or 0)
+
+
 async def hold_fields(cache: Cache, held: Held) -> dict[str, str]:
     raw = await cache.client.hgetall(cache.hold_key(held.hold_id))
     return {k.decode(): v.decode() for k, v in raw.items()}
@@ -245,6 +253,7 @@ async def test_a_hold_reserves_and_writes_its_hash_record_expiry_and_event(cache
     assert before_ms + 60_000 <= int(expires_ms) <= after_ms + 60_000
 
     assert await balance_and_held(cache, wallet_id) == (1_000, 400)
+    assert await active_holds(cache, wallet_id) == 1
     assert (await cache.wallet(wallet_id)) == CachedWallet(1_000, 0, "active", "usd", held_micros=400)
     assert await hold_fields(cache, held) == {
         "w": str(wallet_id),
@@ -471,13 +480,84 @@ async def test_a_hold_with_bad_arguments_is_an_error_that_writes_nothing(
 ) -> None:
     wallet_id = await new_wallet(cache, balance_micros=1_000_000)
     before = await wallet_fields(cache, wallet_id)
-    with pytest.raises(redis.exceptions.ResponseError, match="hold: bad amount, expiry or ttl"):
+    with pytest.raises(redis.exceptions.ResponseError, match="hold: bad amount, expiry, ttl or bound"):
         await hold(cache, wallet_id, amount, expires_in_s=expires_in_s, ttl_s=ttl_s, key="k")
     assert await wallet_fields(cache, wallet_id) == before
     keys = [cache.hold_idempotency_key(wallet_id, "k")]
     assert await cache.client.exists(*keys) == 0
     assert await due_members(cache, wallet_id) == []
     assert await events(cache, wallet_id) == []
+
+
+@pytest.mark.parametrize("holds_max", [0, -1, "1.5", "", "many"])
+async def test_a_hold_with_a_bad_bound_is_an_error_that_writes_nothing(
+    cache: Cache, holds_max: int | str
+) -> None:
+    wallet_id = await new_wallet(cache, balance_micros=1_000)
+    before = await wallet_fields(cache, wallet_id)
+    with pytest.raises(redis.exceptions.ResponseError, match="hold: bad amount, expiry, ttl or bound"):
+        await hold(cache, wallet_id, 1, holds_max=holds_max, key="k")
+    assert await wallet_fields(cache, wallet_id) == before
+    assert await due_members(cache, wallet_id) == []
+
+
+async def test_a_wallet_has_at_most_holds_max_active_holds_and_each_end_gives_one_back(cache: Cache) -> None:
+    wallet_id = await new_wallet(cache, balance_micros=1_000)
+    released, captured = (
+        await hold(cache, wallet_id, 1, holds_max=3),
+        await hold(cache, wallet_id, 1, holds_max=3),
+    )
+    expiring = await hold(cache, wallet_id, 1, holds_max=3, expires_in_s=1)
+    assert [h.status for h in (released, captured, expiring)] == ["ok", "ok", "ok"]
+    before = await wallet_fields(cache, wallet_id)
+    refused = await hold(cache, wallet_id, 1, holds_max=3)
+    assert refused.reply == ["too_many", "3"]
+    after = await snapshot(cache, refused)
+    assert after["wallet"] == before and before["n"] == "3"
+    assert not any(after[name] for name in ("hold", "record"))
+    assert len(after["due"]) == 3 and len(after["events"]) == 3
+    # A replay of a key held before is still a replay at the bound, not a refusal.
+    assert (await hold(cache, wallet_id, 1, holds_max=3, key=released.key)).reply == [
+        "replay",
+        str(released.hold_id),
+    ]
+    # A lower bound than the wallet has refuses, and ends nothing.
+    assert (await hold(cache, wallet_id, 1, holds_max=2)).reply == ["too_many", "3"]
+    # Released, captured, expired: each gives one back.
+    assert (await end_hold(cache, released, "released"))[:2] == ["ok", "released"]
+    assert await active_holds(cache, wallet_id) == 2
+    assert (await capture(cache, captured, 1)).status == "ok"
+    assert await active_holds(cache, wallet_id) == 1
+    await wait_until_due(cache, expiring)
+    assert await expire_due(cache, now_ms=await cache.server_time_ms(), budget=10) == 1
+    assert await active_holds(cache, wallet_id) == 0
+    # Ending twice gives nothing more back.
+    assert (await end_hold(cache, released, "released"))[0] == "ended"
+    assert await active_holds(cache, wallet_id) == 0
+    assert [(await hold(cache, wallet_id, 1, holds_max=3)).status for _ in range(4)] == ["ok"] * 3 + [
+        "too_many"
+    ]
+
+
+async def test_a_capture_after_expiry_gives_its_place_back(cache: Cache) -> None:
+    wallet_id = await new_wallet(cache, balance_micros=1_000)
+    expiring = await hold(cache, wallet_id, 1, holds_max=1, expires_in_s=1)
+    assert (await hold(cache, wallet_id, 1, holds_max=1)).reply == ["too_many", "1"]
+    await wait_until_due(cache, expiring)
+    assert (await capture(cache, expiring, 1)).reply == ["ended", "expired"]
+    assert await active_holds(cache, wallet_id) == 0
+    assert (await hold(cache, wallet_id, 1, holds_max=1)).status == "ok"
+
+
+async def test_concurrent_holds_never_pass_the_bound(cache: Cache) -> None:
+    """One script step counts and adds: of 60 holds at once under a bound of 5, exactly 5 hold."""
+    wallet_id = await new_wallet(cache, balance_micros=1_000_000)
+    replies = await asyncio.gather(*(hold(cache, wallet_id, 1, holds_max=5) for _ in range(60)))
+    statuses = sorted(r.status for r in replies)
+    assert statuses == ["ok"] * 5 + ["too_many"] * 55
+    assert await active_holds(cache, wallet_id) == 5
+    assert await balance_and_held(cache, wallet_id) == (1_000_000, 5)
+    assert len(await due_members(cache, wallet_id)) == 5
 
 
 # capture.lua -------------------------------------------------------------------
@@ -853,6 +933,7 @@ async def test_held_never_goes_below_zero_after_a_wallet_is_lost_and_loaded(cach
     assert await expire_due(cache, now_ms=await cache.server_time_ms(), budget=10) == 1
     fields = await wallet_fields(cache, wallet_id)
     assert int(fields.get("h", "0")) == 0
+    assert int(fields.get("n", "0")) == 0
 
 
 # load_wallet.lua keeps what holds reserve -----------------------------------------
@@ -867,6 +948,7 @@ async def test_load_wallet_keeps_held(cache: Cache) -> None:
     # rebuild-cache overwrites the balance from the ledger; holds live only in Redis and stay.
     assert await cache.load_wallet(wallet_id, CachedWallet(800, 100, "active", "usd"), overwrite=True) is True
     assert await balance_and_held(cache, wallet_id) == (800, 300)
+    assert await active_holds(cache, wallet_id) == 1
     assert (await hold(cache, wallet_id, 601)).reply == ["insufficient", "800", "300"]
     # A partial hash (its epoch lost) is repaired by a load that keeps h too.
     await cache.client.hdel(cache.wallet_key(wallet_id), "e")
@@ -875,8 +957,10 @@ async def test_load_wallet_keeps_held(cache: Cache) -> None:
         await cache.load_wallet(wallet_id, CachedWallet(800, 100, "active", "usd"), overwrite=False) is True
     )
     assert await balance_and_held(cache, wallet_id) == (800, 300)
+    assert await active_holds(cache, wallet_id) == 1
     assert (await end_hold(cache, held, "released"))[:2] == ["ok", "released"]
     assert await balance_and_held(cache, wallet_id) == (800, 0)
+    assert await active_holds(cache, wallet_id) == 0
 
 
 # Expiry by the sweeper, and what the events record -------------------------------

@@ -27,7 +27,7 @@ from centime.money import (
     micros_to_minor,
     minor_to_micros,
 )
-from centime.settings import Settings, SettingsError, load_settings
+from centime.settings import SECRET_SETTINGS, Settings, SettingsError, load_settings, masked
 from centime.sql import load_queries
 from ledger.accounts import (
     SYSTEM_ACCOUNT_KINDS,
@@ -183,6 +183,66 @@ def test_a_bad_value_names_its_variable(name: str, value: str) -> None:
 def test_bad_stripe_and_topup_values_name_their_variable(name: str, value: str) -> None:
     with pytest.raises(SettingsError, match=name):
         load_settings({name: value})
+
+
+GOOD_TEXT_SETTINGS = {
+    "CENTIME_DATABASE_URL": "postgresql://centime:pw@db:5432/centime",
+    "CENTIME_REDIS_URL": "redis://:pw@redis:6379/0",
+    "CENTIME_REDIS_PREFIX": "c",
+    "CENTIME_LOG_LEVEL": "INFO",
+    "CENTIME_METRICS_TOKEN": "m" * 32,
+    "CENTIME_STRIPE_SECRET_KEY": "sk_test_abc",
+    "CENTIME_STRIPE_PUBLISHABLE_KEY": "pk_test_abc",
+    "CENTIME_STRIPE_WEBHOOK_SECRET": "whsec_abc",
+    "CENTIME_STRIPE_API_BASE": "https://api.stripe.com",
+    "CENTIME_STRIPE_JS_URL": "https://js.stripe.com/v3/",
+    "CENTIME_RECONCILE_AT_UTC": "02:00",
+}
+
+
+def test_the_good_text_settings_decode() -> None:
+    settings = load_settings(GOOD_TEXT_SETTINGS)
+    assert settings.metrics_token == "m" * 32
+    assert settings.redis_url == "redis://:pw@redis:6379/0"
+
+
+@pytest.mark.parametrize("name", sorted(GOOD_TEXT_SETTINGS))
+@pytest.mark.parametrize("tail", ["\n", "\r\n", " "])
+def test_a_pattern_matches_the_whole_value(name: str, tail: str) -> None:
+    """Python's $ matches before a trailing newline: every pattern ends in \\Z instead."""
+    with pytest.raises(SettingsError, match=name):
+        load_settings({**GOOD_TEXT_SETTINGS, name: GOOD_TEXT_SETTINGS[name] + tail})
+
+
+SECRET_VALUE = "9f8e7d6c5b4a39281706"
+BAD_SECRETS = [
+    ("CENTIME_STRIPE_SECRET_KEY", f"sk_live_{SECRET_VALUE}\n", "'sk_l…'"),
+    ("CENTIME_STRIPE_SECRET_KEY", f"pk_live_{SECRET_VALUE}", "'pk_l…'"),
+    ("CENTIME_STRIPE_WEBHOOK_SECRET", f"whsec_{SECRET_VALUE} ", "'whse…'"),
+    ("CENTIME_DATABASE_URL", f"postgresql://centime:{SECRET_VALUE}@db/centime\n", "'postgresql://…'"),
+    ("CENTIME_DATABASE_URL", f"mysql://centime:{SECRET_VALUE}@db/centime", "'mysql://…'"),
+    ("CENTIME_REDIS_URL", f"redis://:{SECRET_VALUE}@redis:6379/0\n", "'redis://…'"),
+    ("CENTIME_REDIS_URL", f"redis//:{SECRET_VALUE}@redis", "'redi…'"),
+    ("CENTIME_METRICS_TOKEN", f"{SECRET_VALUE}\n", "'9f8e…'"),
+    ("CENTIME_METRICS_TOKEN", SECRET_VALUE[:8], "'9f…'"),  # too short: a quarter shown
+]
+
+
+@pytest.mark.parametrize(("name", "value", "shown"), BAD_SECRETS)
+def test_a_bad_secret_is_never_echoed(name: str, value: str, shown: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        load_settings({name: value})
+    message = str(raised.value)
+    assert message.startswith(f"{name}={shown} is invalid"), message
+    assert SECRET_VALUE[:6] not in message and SECRET_VALUE[-6:] not in message, message
+
+
+def test_every_secret_setting_is_masked() -> None:
+    assert {n.lower().removeprefix("centime_") for n, _, _ in BAD_SECRETS} == SECRET_SETTINGS
+    assert masked("abc") == "…"
+    assert masked("sk_live_x") == "sk…"  # a quarter of a short value, at most
+    assert masked("sk_live_abcdefgh") == "sk_l…"
+    assert masked("unix:///tmp/r.sock") == "unix://…"
 
 
 def test_stripe_settings_decode_and_an_empty_value_means_unset() -> None:

@@ -6,7 +6,8 @@
 -- KEYS[2] abandoned hash  entry id -> entry, answered 503 before its commit was known
 -- Per item i (from 1): KEYS[2i + 1] wallet hash, KEYS[2i + 2] idempotency record
 --   wallet hash   {b = balance, p = credits charged but not yet committed,
---                  h = held by active holds (wallet/lua/hold.lua), o = overdraft limit,
+--                  h = held by active holds (wallet/lua/hold.lua), n = their number,
+--                  o = overdraft limit,
 --                  s = status, c = currency,
 --                  e = epoch: changes each time the wallet is loaded from the ledger}
 --                  A credit is not spendable until committed: it waits in p.

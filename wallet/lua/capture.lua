@@ -64,11 +64,14 @@ end
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local ended_ms = string.format('%.0f', now_ms)
-local wallet = redis.call('HMGET', KEYS[2], 'b', 'o', 's', 'c', 'e', 'h')
+local wallet = redis.call('HMGET', KEYS[2], 'b', 'o', 's', 'c', 'e', 'h', 'n')
 if now_ms >= tonumber(hold[4]) then
     -- Past its time: the hold has expired, whether or not the sweeper came by.
     if wallet[6] and tonumber(wallet[6]) > 0 then
         redis.call('HINCRBY', KEYS[2], 'h', string.format('%.0f', -math.min(tonumber(wallet[6]), tonumber(hold[2]))))
+    end
+    if wallet[7] and tonumber(wallet[7]) > 0 then
+        redis.call('HINCRBY', KEYS[2], 'n', -1)
     end
     redis.call('HSET', KEYS[1], 'st', 'expired', 't', ended_ms)
     if hold[10] then
@@ -95,6 +98,9 @@ local captured_text = string.format('%.0f', captured)
 
 if released > 0 then
     redis.call('HINCRBY', KEYS[2], 'h', string.format('%.0f', -released))
+end
+if tonumber(wallet[7] or '0') > 0 then
+    redis.call('HINCRBY', KEYS[2], 'n', -1)  -- one active hold fewer (never below zero, as h)
 end
 local after_text, outbox_id, entry_id = '', '', ''
 if captured > 0 then

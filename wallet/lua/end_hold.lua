@@ -33,10 +33,14 @@ elseif status == 'expired' then
     return {'not_due'}
 end
 -- A wallet loaded again from the ledger may hold less than this hold (its
--- holds were lost with it): never below zero.
-local held = tonumber(redis.call('HGET', KEYS[2], 'h') or '0')
+-- holds were lost with it): never below zero, in amount (h) or number (n).
+local wallet = redis.call('HMGET', KEYS[2], 'h', 'n')
+local held = tonumber(wallet[1] or '0')
 if held > 0 then
     redis.call('HINCRBY', KEYS[2], 'h', string.format('%.0f', -math.min(held, tonumber(hold[2]))))
+end
+if tonumber(wallet[2] or '0') > 0 then
+    redis.call('HINCRBY', KEYS[2], 'n', -1)
 end
 local ended_ms = string.format('%.0f', now_ms)
 redis.call('HSET', KEYS[1], 'st', status, 't', ended_ms)

@@ -19,12 +19,16 @@ end
 if ARGV[5] == '1' and tonumber(redis.call('HGET', KEYS[1], 'q') or '0') > tonumber(ARGV[7]) then
     return 2
 end
--- What active holds reserve lives only in Redis, beside the holds
--- themselves (wallet/lua/hold.lua): a load from the ledger keeps it.
-local held = redis.call('HGET', KEYS[1], 'h')
+-- What active holds reserve (h) and how many they are (n) live only in
+-- Redis, beside the holds themselves (wallet/lua/hold.lua): a load from the
+-- ledger keeps both.
+local holds = redis.call('HMGET', KEYS[1], 'h', 'n')
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'b', ARGV[1], 'p', '0', 'o', ARGV[2], 's', ARGV[3], 'c', ARGV[4], 'e', ARGV[6], 'q', ARGV[7])
-if held then
-    redis.call('HSET', KEYS[1], 'h', held)
+if holds[1] then
+    redis.call('HSET', KEYS[1], 'h', holds[1])
+end
+if holds[2] then
+    redis.call('HSET', KEYS[1], 'n', holds[2])
 end
 return 1

@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 import redis.asyncio as redis
-from litestar import Litestar, MediaType, Request, Response, get
+from litestar import Litestar, MediaType, Request, Response, get, head
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.exceptions import (
@@ -162,8 +162,12 @@ async def healthz() -> str:
     return "ok"
 
 
-@get("/readyz", include_in_schema=False)
-async def readyz(state: State) -> Response[dict[str, str]]:
+@head("/healthz", include_in_schema=False)
+async def healthz_head() -> None:
+    """What load balancers send: 200, no body."""
+
+
+async def _readiness(state: State) -> dict[str, str]:
     checks = {}
     try:
         async with state.pool.acquire(timeout=1) as conn:
@@ -178,8 +182,22 @@ async def readyz(state: State) -> Response[dict[str, str]]:
     except Exception as exc:
         log.warning("readyz: Redis did not answer: %r", exc)
         checks["redis"] = "down"
-    ready = all(v == "ok" for v in checks.values())
-    return Response(checks, status_code=200 if ready else 503)
+    return checks
+
+
+def _ready_status(checks: dict[str, str]) -> int:
+    return 200 if all(v == "ok" for v in checks.values()) else 503
+
+
+@get("/readyz", include_in_schema=False)
+async def readyz(state: State) -> Response[dict[str, str]]:
+    checks = await _readiness(state)
+    return Response(checks, status_code=_ready_status(checks))
+
+
+@head("/readyz", include_in_schema=False)
+async def readyz_head(state: State) -> Response[None]:
+    return Response(None, status_code=_ready_status(await _readiness(state)))
 
 
 @get("/metrics", include_in_schema=False)
@@ -299,7 +317,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
             CheckoutController,
             ReconciliationController,
             healthz,
+            healthz_head,
             readyz,
+            readyz_head,
             metrics_endpoint,
         ],
         lifespan=[lifespan],

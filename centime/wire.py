@@ -207,7 +207,8 @@ def json_body(struct: type) -> type[Operation]:
 
 class Problem(msgspec.Struct, kw_only=True):
     """RFC 9457 problem details, as every error is answered. Some codes add
-    members: `balance_micros` (insufficient_funds), `fields` (invalid_request)."""
+    members: `balance_micros` (insufficient_funds), `fields` (invalid_request),
+    `wallet_id` (wallet_exists), `request_id` (5xx: the id in the server's log)."""
 
     type: str
     title: str
@@ -231,14 +232,16 @@ PROBLEM_DESCRIPTIONS = {
 }
 
 
+def problem_response(description: str, container: type[Problem] = Problem) -> ResponseSpec:
+    """The OpenAPI entry of one problem answer."""
+    return ResponseSpec(
+        data_container=container,
+        description=description,
+        media_type="application/problem+json",
+        generate_examples=False,
+    )
+
+
 def problem_responses(*statuses: int) -> dict[int, ResponseSpec]:
     """OpenAPI entries for the problems a route can answer."""
-    return {
-        status: ResponseSpec(
-            data_container=Problem,
-            description=PROBLEM_DESCRIPTIONS[status],
-            media_type="application/problem+json",
-            generate_examples=False,
-        )
-        for status in statuses
-    }
+    return {status: problem_response(PROBLEM_DESCRIPTIONS[status]) for status in statuses}

@@ -4,17 +4,19 @@ and renders every error as RFC 9457 problem+json with a stable code."""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import gc
 import logging
 import re
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import redis.asyncio as redis
 from litestar import Litestar, MediaType, Request, Response, get, head
-from litestar.datastructures import State
+from litestar.datastructures import ResponseHeader, State
 from litestar.di import Provide
 from litestar.exceptions import (
     HTTPException,
@@ -24,15 +26,17 @@ from litestar.exceptions import (
 )
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import ASGIApp
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from centime import metrics
+from centime.access import observed
 from centime.auth import KeyStore, require_scope
 from centime.errors import CentimeError
 from centime.fast_debits import fast_debits
+from centime.logs import AccessLog, configure_logging
 from centime.settings import Settings, load_settings
 from centime.wire import REQUEST_BODY_BYTES_MAX, STORAGE_ERRORS, problem_answer, problem_body
 from ledger.writer import LedgerWriter
@@ -108,29 +112,6 @@ _HTTP_CODES = {
 def _http_error(_: Request, exc: HTTPException) -> Response[dict[str, Any]]:
     code = _HTTP_CODES.get(exc.status_code, "http_error" if exc.status_code < 500 else "internal_error")
     return problem(exc.status_code, code, code.replace("_", " ").capitalize(), exc.detail)
-
-
-def count_requests(app: ASGIApp) -> ASGIApp:
-    """ASGI middleware: count answered requests by method and status."""
-    counters: dict[tuple[str, int], Any] = {}
-
-    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await app(scope, receive, send)
-            return
-
-        async def counting_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                label = (scope["method"], message["status"])
-                counter = counters.get(label)
-                if counter is None:
-                    counter = counters[label] = metrics.requests_total.labels(label[0], str(label[1]))
-                counter.inc()
-            await send(message)
-
-        await app(scope, receive, counting_send)
-
-    return middleware
 
 
 async def _wallets(state: State) -> Wallets:
@@ -225,13 +206,22 @@ def redis_client(url: str, settings: Settings) -> redis.Redis:
 
 
 def serve_app() -> ASGIApp:
-    """What `centime serve` serves: the app, with the fast debit path in front."""
+    """What `centime serve` serves."""
     settings = load_settings()
-    return with_fast_debits(create_app(settings), settings)
+    return served(create_app(settings), settings)
 
 
-def with_fast_debits(app: Litestar, settings: Settings) -> ASGIApp:
-    return fast_debits(app) if settings.fast_debits else app
+def served(app: Litestar, settings: Settings) -> ASGIApp:
+    """The app with the fast debit path in front, each request observed
+    (centime.access: its id, its count, its access line), and this process's
+    logging set up (a server's worker processes do not inherit it)."""
+    configure_logging(settings.log_level, settings.log_format)
+    inner = fast_debits(app) if settings.fast_debits else app
+    access_log = None
+    if settings.access_log:
+        access_log = AccessLog(sys.stderr, json=settings.log_format == "json")
+        atexit.register(access_log.flush)
+    return observed(inner, access_log)
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
@@ -324,7 +314,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ],
         lifespan=[lifespan],
         guards=[require_scope],
-        middleware=[count_requests],
         dependencies={"wallets": Provide(_wallets), "holds": Provide(_holds), "topups": Provide(_topups)},
         exception_handlers={
             CentimeError: _raised_error,
@@ -342,6 +331,15 @@ def create_app(settings: Settings | None = None) -> Litestar:
             path="/schema",
             render_plugins=[ScalarRenderPlugin()],
         ),
+        response_headers=[
+            ResponseHeader(
+                name="X-Request-Id",
+                description="The request's id: the client's X-Request-Id if it is 1..64 characters of "
+                "[A-Za-z0-9._-], else one the server made. Log lines of the request and a 5xx problem carry it.",
+                documentation_only=True,  # centime.access sets it, on every answer
+            )
+        ],
         request_max_body_size=REQUEST_BODY_BYTES_MAX,
+        logging_config=None,  # centime.logs configures logging; Litestar's would take the root logger
         debug=False,
     )

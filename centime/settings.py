@@ -45,6 +45,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # API keys are cached in-process this long after a lookup.
     api_key_cache_ttl_s: Annotated[int, msgspec.Meta(ge=0, le=3600)] = 10
     log_level: Annotated[str, msgspec.Meta(pattern="^(DEBUG|INFO|WARNING|ERROR)$")] = "INFO"
+    # Log lines as text, or one JSON object a line; and one access line per request.
+    log_format: Annotated[str, msgspec.Meta(pattern="^(text|json)$")] = "text"
+    access_log: bool = True
     # Top-ups through Stripe. Without a secret key, the top-up routes answer 503.
     stripe_secret_key: Annotated[str, msgspec.Meta(pattern="^(sk|rk)_[A-Za-z0-9_]{1,250}$")] | None = None
     stripe_publishable_key: Annotated[str, msgspec.Meta(pattern="^pk_[A-Za-z0-9_]{1,250}$")] | None = None

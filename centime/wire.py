@@ -10,7 +10,7 @@ import logging
 import re
 import uuid
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from typing import Annotated, Any, NamedTuple, TypeVar
 
 import asyncpg
 import msgspec
@@ -21,6 +21,7 @@ from litestar.openapi.spec import OpenAPIMediaType, Operation, RequestBody, Sche
 
 from centime import metrics
 from centime.errors import CentimeError, InvalidRequest
+from centime.logs import request_id_var
 
 T = TypeVar("T")
 STORAGE_ERRORS = (
@@ -62,7 +63,8 @@ REQUEST_BODY_BYTES_MAX = 64 * 1024
 
 
 def problem_body(status: int, code: str, title: str, detail: str, **extra: Any) -> dict[str, Any]:
-    """An RFC 9457 problem: the stable `code` says what went wrong."""
+    """An RFC 9457 problem: the stable `code` says what went wrong. A 5xx
+    names the request's id, the one its log lines carry."""
     body = {
         "type": f"https://centime.dev/problems/{code}",
         "title": title,
@@ -71,6 +73,9 @@ def problem_body(status: int, code: str, title: str, detail: str, **extra: Any) 
         "detail": detail,
     }
     body.update(extra)
+    request_id = request_id_var.get()
+    if status >= 500 and request_id is not None:
+        body["request_id"] = request_id
     return body
 
 
@@ -215,6 +220,13 @@ class Problem(msgspec.Struct, kw_only=True):
     status: int
     code: str
     detail: str
+    request_id: (
+        Annotated[
+            str,
+            msgspec.Meta(description="On a 5xx: the request's id (X-Request-Id), as the server logged it."),
+        ]
+        | msgspec.UnsetType
+    ) = msgspec.UNSET
 
 
 PROBLEM_DESCRIPTIONS = {

@@ -25,7 +25,6 @@ from litestar.exceptions import (
     ValidationException,
 )
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import ScalarRenderPlugin
 from litestar.types import ASGIApp
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio.retry import Retry
@@ -33,6 +32,7 @@ from redis.backoff import NoBackoff
 
 from centime import metrics
 from centime.access import observed
+from centime.api_reference import ApiReference
 from centime.auth import KeyStore, require_scope
 from centime.errors import CentimeError
 from centime.fast_debits import fast_debits
@@ -329,7 +329,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             version="0.1.0",
             description="Wallets and a double-entry ledger for micro-payments.",
             path="/schema",
-            render_plugins=[ScalarRenderPlugin()],
+            render_plugins=[ApiReference()],
         ),
         response_headers=[
             ResponseHeader(

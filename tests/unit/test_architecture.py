@@ -28,6 +28,7 @@ FACE = (
     "centime.embedded",
     "centime.fast_debits",
     "centime.access",
+    "centime.api_reference",
     "centime.__main__",
 )
 

@@ -18,7 +18,7 @@ from litestar import Response, post
 from litestar.datastructures import State
 from litestar.types import ASGIApp
 
-from centime.app import create_app, with_fast_debits
+from centime.app import create_app, served
 from centime.settings import load_settings
 from centime.sql import load_queries
 from centime.wire import decode_body
@@ -79,4 +79,4 @@ def create_bench_app() -> ASGIApp:
     app = create_app(settings)
     app.register(floor)
     app.register(naive_debit)
-    return with_fast_debits(app, settings)
+    return served(app, settings)

@@ -4,18 +4,20 @@ and renders every error as RFC 9457 problem+json with a stable code."""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import gc
 import hmac
 import logging
 import re
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import redis.asyncio as redis
-from litestar import Litestar, MediaType, Request, Response, get
-from litestar.datastructures import State
+from litestar import Litestar, MediaType, Request, Response, get, head
+from litestar.datastructures import ResponseHeader, State
 from litestar.di import Provide
 from litestar.exceptions import (
     HTTPException,
@@ -24,7 +26,6 @@ from litestar.exceptions import (
     ValidationException,
 )
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import ScalarRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -32,9 +33,12 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from centime import metrics
+from centime.access import observed
+from centime.api_reference import ApiReference
 from centime.auth import PUBLIC_SCOPE, KeyStore, check_route_scopes, require_scope
 from centime.errors import CentimeError, Unauthorized
 from centime.fast_debits import fast_debits
+from centime.logs import AccessLog, configure_logging
 from centime.settings import Settings, load_settings
 from centime.wire import (
     REQUEST_BODY_BYTES_MAX,
@@ -169,29 +173,6 @@ def state_api_keys(app: Litestar) -> None:
                 handler.security = [{API_KEY_SCHEME: [scope]}]
 
 
-def count_requests(app: ASGIApp) -> ASGIApp:
-    """ASGI middleware: count answered requests by method and status."""
-    counters: dict[tuple[str, int], Any] = {}
-
-    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await app(scope, receive, send)
-            return
-
-        async def counting_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                label = (scope["method"], message["status"])
-                counter = counters.get(label)
-                if counter is None:
-                    counter = counters[label] = metrics.requests_total.labels(label[0], str(label[1]))
-                counter.inc()
-            await send(message)
-
-        await app(scope, receive, counting_send)
-
-    return middleware
-
-
 def refuse_bad_query(app: ASGIApp) -> ASGIApp:
     """ASGI middleware: a query parameter that is not UTF-8 text without NUL
     is a 400 (centime.wire.check_query), before the guard or any handler
@@ -239,8 +220,12 @@ async def healthz() -> str:
     return "ok"
 
 
-@get("/readyz", include_in_schema=False)
-async def readyz(state: State) -> Response[dict[str, str]]:
+@head("/healthz", include_in_schema=False)
+async def healthz_head() -> None:
+    """What load balancers send: 200, no body."""
+
+
+async def _readiness(state: State) -> dict[str, str]:
     checks = {}
     try:
         async with state.pool.acquire(timeout=1) as conn:
@@ -255,8 +240,22 @@ async def readyz(state: State) -> Response[dict[str, str]]:
     except Exception as exc:
         log.warning("readyz: Redis did not answer: %r", exc)
         checks["redis"] = "down"
-    ready = all(v == "ok" for v in checks.values())
-    return Response(checks, status_code=200 if ready else 503)
+    return checks
+
+
+def _ready_status(checks: dict[str, str]) -> int:
+    return 200 if all(v == "ok" for v in checks.values()) else 503
+
+
+@get("/readyz", include_in_schema=False)
+async def readyz(state: State) -> Response[dict[str, str]]:
+    checks = await _readiness(state)
+    return Response(checks, status_code=_ready_status(checks))
+
+
+@head("/readyz", include_in_schema=False)
+async def readyz_head(state: State) -> Response[None]:
+    return Response(None, status_code=_ready_status(await _readiness(state)))
 
 
 def check_metrics_token(authorization: str, token: str | None) -> None:
@@ -305,13 +304,22 @@ async def _key_store(pool: asyncpg.Pool, settings: Settings, timeout_s: float) -
 
 
 def serve_app() -> ASGIApp:
-    """What `centime serve` serves: the app, with the fast debit path in front."""
+    """What `centime serve` serves."""
     settings = load_settings()
-    return with_fast_debits(create_app(settings), settings)
+    return served(create_app(settings), settings)
 
 
-def with_fast_debits(app: Litestar, settings: Settings) -> ASGIApp:
-    return fast_debits(app) if settings.fast_debits else app
+def served(app: Litestar, settings: Settings) -> ASGIApp:
+    """The app with the fast debit path in front, each request observed
+    (centime.access: its id, its count, its access line), and this process's
+    logging set up (a server's worker processes do not inherit it)."""
+    configure_logging(settings.log_level, settings.log_format)
+    inner = fast_debits(app) if settings.fast_debits else app
+    access_log = None
+    if settings.access_log:
+        access_log = AccessLog(sys.stderr, json=settings.log_format == "json")
+        atexit.register(access_log.flush)
+    return observed(inner, access_log)
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
@@ -401,12 +409,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
             CheckoutController,
             ReconciliationController,
             healthz,
+            healthz_head,
             readyz,
+            readyz_head,
             metrics_endpoint,
         ],
         lifespan=[lifespan],
         guards=[require_scope],
-        middleware=[count_requests, refuse_bad_query],
+        middleware=[refuse_bad_query],
         before_send=[truthful_options],
         dependencies={
             "wallets": Provide(_wallets),
@@ -434,9 +444,18 @@ def create_app(settings: Settings | None = None) -> Litestar:
                     STRIPE_SIGNATURE_SCHEME: STRIPE_SIGNATURE_SECURITY,
                 }
             ),
-            render_plugins=[ScalarRenderPlugin()],
+            render_plugins=[ApiReference()],
         ),
+        response_headers=[
+            ResponseHeader(
+                name="X-Request-Id",
+                description="The request's id: the client's X-Request-Id if it is 1..64 characters of "
+                "[A-Za-z0-9._-], else one the server made. Log lines of the request and a 5xx problem carry it.",
+                documentation_only=True,  # centime.access sets it, on every answer
+            )
+        ],
         request_max_body_size=REQUEST_BODY_BYTES_MAX,
+        logging_config=None,  # centime.logs configures logging; Litestar's would take the root logger
         debug=False,
     )
     check_route_scopes(app)  # deny by default: an unscoped /v1 route does not start

@@ -18,6 +18,7 @@ import asyncpg
 import click
 import msgspec
 
+from centime.logs import configure_logging
 from centime.settings import Settings, SettingsError, load_settings
 
 
@@ -55,6 +56,10 @@ def _run(main: Callable[[], Awaitable[Any]]) -> Any:
         return asyncio.run(main())
 
 
+log = logging.getLogger("centime")
+"""What `serve` and `worker` say as they run: log lines, in the log's format."""
+
+
 def _info(message: str) -> None:
     click.echo(message, err=True)
 
@@ -62,9 +67,12 @@ def _info(message: str) -> None:
 @click.group()
 def main() -> None:
     """centime: wallets and a double-entry ledger for micro-payments."""
-    logging.basicConfig(
-        level=os.environ.get("CENTIME_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    # Before the settings are read, so that a bad one is reported by the
+    # command that reads them; a bad level or format here falls back to the default.
+    level = os.environ.get("CENTIME_LOG_LEVEL") or "INFO"
+    configure_logging(
+        level if level in logging.getLevelNamesMapping() else "INFO",
+        "json" if os.environ.get("CENTIME_LOG_FORMAT") == "json" else "text",
     )
 
 
@@ -107,7 +115,7 @@ def serve(host: str, port: int, workers: int, app_factory: str) -> None:
         _run(lambda: _migrate(settings.database_url))
         os.environ["CENTIME_DATABASE_URL"] = settings.database_url
         os.environ["CENTIME_REDIS_URL"] = settings.redis_url
-        _info(f"centime serving on http://{host}:{port} (OpenAPI at /schema), {workers} worker(s)")
+        log.info(f"centime serving on http://{host}:{port} (OpenAPI at /schema), {workers} worker(s)")
         uvicorn.run(
             app_factory,
             factory=True,
@@ -116,7 +124,8 @@ def serve(host: str, port: int, workers: int, app_factory: str) -> None:
             workers=workers,
             loop="uvloop",
             http="httptools",
-            access_log=False,
+            access_log=False,  # centime.access writes its own
+            log_config=None,  # uvicorn's lines through centime's handler, in its format
             # Longer than the idle timeout of common load balancers (60 s), so
             # the server never closes a kept-alive connection a client or
             # proxy is about to reuse.
@@ -152,7 +161,7 @@ async def _work(settings: Settings) -> None:
     client = redis_client(settings.redis_url, settings)
     try:
         cache = Cache(client, prefix=settings.redis_prefix, partition_count=settings.partition_count)
-        _info(f"centime worker: sweeping every {settings.sweeper_interval_ms} ms")
+        log.info(f"centime worker: sweeping every {settings.sweeper_interval_ms} ms")
         async with contextlib.AsyncExitStack() as stack:
             jobs = [run_sweeper(pool, cache, settings, stop=stop)]
             if settings.reconcile_nightly and settings.stripe_secret_key is not None:
@@ -160,13 +169,13 @@ async def _work(settings: Settings) -> None:
                 from reconcile.scheduler import parse_at, run_nightly
 
                 nightly = await stack.enter_async_context(reconciler(settings, pool, cache))
-                _info(f"centime worker: reconciling nightly at {settings.reconcile_at_utc} UTC")
+                log.info(f"centime worker: reconciling nightly at {settings.reconcile_at_utc} UTC")
                 jobs.append(run_nightly(nightly, at=parse_at(settings.reconcile_at_utc), stop=stop))
             await asyncio.gather(*jobs)
     finally:
         await client.aclose()
         await pool.close()
-    _info("centime worker: stopped")
+    log.info("centime worker: stopped")
 
 
 @main.group("api-key")

@@ -11,8 +11,8 @@ registry = CollectorRegistry(auto_describe=True)
 
 requests_total = Counter(
     "centime_requests",
-    "HTTP requests answered, by method and status.",
-    ["method", "status"],
+    "HTTP requests answered, by method, route template (`unmatched`: no route) and status.",
+    ["method", "route", "status"],
     registry=registry,
 )
 errors_total = Counter("centime_errors", "Problem responses, by code.", ["code"], registry=registry)

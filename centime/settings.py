@@ -59,6 +59,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # When set, GET /metrics needs `Authorization: Bearer <token>`; unset, it is open.
     metrics_token: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._~+/-]{16,256}=*\Z")] | None = None
     log_level: Annotated[str, msgspec.Meta(pattern=r"^(DEBUG|INFO|WARNING|ERROR)\Z")] = "INFO"
+    # Log lines as text, or one JSON object a line; and one access line per request.
+    log_format: Annotated[str, msgspec.Meta(pattern=r"^(text|json)\Z")] = "text"
+    access_log: bool = True
     # Top-ups through Stripe. Without a secret key, the top-up routes answer 503.
     stripe_secret_key: Annotated[str, msgspec.Meta(pattern=r"^(sk|rk)_[A-Za-z0-9_]{1,250}\Z")] | None = None
     stripe_publishable_key: Annotated[str, msgspec.Meta(pattern=r"^pk_[A-Za-z0-9_]{1,250}\Z")] | None = None

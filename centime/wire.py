@@ -24,6 +24,7 @@ from litestar.params import Parameter
 
 from centime import metrics
 from centime.errors import CentimeError, InvalidRequest, invariant
+from centime.logs import request_id_var
 from ledger.ids import UUID_PATTERN, parse_uuid
 
 T = TypeVar("T")
@@ -66,7 +67,8 @@ REQUEST_BODY_BYTES_MAX = 64 * 1024
 
 
 def problem_body(status: int, code: str, title: str, detail: str, **extra: Any) -> dict[str, Any]:
-    """An RFC 9457 problem: the stable `code` says what went wrong."""
+    """An RFC 9457 problem: the stable `code` says what went wrong. A 5xx
+    names the request's id, the one its log lines carry."""
     body = {
         "type": f"https://centime.dev/problems/{code}",
         "title": title,
@@ -75,6 +77,9 @@ def problem_body(status: int, code: str, title: str, detail: str, **extra: Any) 
         "detail": detail,
     }
     body.update(extra)
+    request_id = request_id_var.get()
+    if status >= 500 and request_id is not None:
+        body["request_id"] = request_id
     return body
 
 
@@ -344,13 +349,21 @@ def json_body(struct: type) -> type[Operation]:
 class Problem(msgspec.Struct, kw_only=True):
     """RFC 9457 problem details, as every error is answered. Some codes add
     members: `balance_micros` (insufficient_funds), `fields` (invalid_request),
-    `holds_per_wallet_max` (too_many_holds)."""
+    `holds_per_wallet_max` (too_many_holds), `wallet_id` (wallet_exists), `request_id`
+    (5xx: the id in the server's log)."""
 
     type: str
     title: str
     status: int
     code: str
     detail: str
+    request_id: (
+        Annotated[
+            str,
+            msgspec.Meta(description="On a 5xx: the request's id (X-Request-Id), as the server logged it."),
+        ]
+        | msgspec.UnsetType
+    ) = msgspec.UNSET
 
 
 PROBLEM_DESCRIPTIONS = {
@@ -373,17 +386,19 @@ PROBLEM_DESCRIPTIONS = {
 }
 
 
+def problem_response(description: str, container: type[Problem] = Problem) -> ResponseSpec:
+    """The OpenAPI entry of one problem answer."""
+    return ResponseSpec(
+        data_container=container,
+        description=description,
+        media_type="application/problem+json",
+        generate_examples=False,
+    )
+
+
 def problem_responses(*statuses: int, described: dict[int, str] | None = None) -> dict[int, ResponseSpec]:
     """OpenAPI entries for the problems a route can answer; `described`
     replaces the shared description of a status where the route's own is
     more precise."""
     descriptions = {**PROBLEM_DESCRIPTIONS, **(described or {})}
-    return {
-        status: ResponseSpec(
-            data_container=Problem,
-            description=descriptions[status],
-            media_type="application/problem+json",
-            generate_examples=False,
-        )
-        for status in statuses
-    }
+    return {status: problem_response(descriptions[status]) for status in statuses}

@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import IO
 
 import asyncpg
 import httpx
@@ -174,7 +175,10 @@ class Server(msgspec.Struct):
     port: int
 
 
-def start_server(settings: Settings, *, port: int | None = None, **env_overrides: str) -> Server:
+def start_server(
+    settings: Settings, *, port: int | None = None, log: IO[bytes] | None = None, **env_overrides: str
+) -> Server:
+    """`centime serve` on a port; its log (stderr) goes to `log`, else to the test's stderr."""
     port = port or free_port()
     env = settings_env(settings, **env_overrides)
     process = subprocess.Popen(
@@ -182,7 +186,7 @@ def start_server(settings: Settings, *, port: int | None = None, **env_overrides
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=None,
+        stderr=log,
     )
     server = Server(f"http://127.0.0.1:{port}", process, env, port)
     wait_ready(server)

@@ -10,7 +10,16 @@ from litestar import Controller, Response, get, post
 from litestar.params import Parameter
 
 from centime.errors import InvalidRequest
-from centime.wire import Cursor, PathId, decode_body, json_body, parse_cursor, problem_responses
+from centime.wire import (
+    Cursor,
+    PathId,
+    Problem,
+    decode_body,
+    json_body,
+    parse_cursor,
+    problem_response,
+    problem_responses,
+)
 from wallet.holds import Holds
 from wallet.owners import OwnerIds
 from wallet.schemas import (
@@ -68,6 +77,12 @@ HOLD_CONFLICTS = (
 )
 
 
+class WalletExistsProblem(Problem, kw_only=True):
+    """409 wallet_exists: an owner has one wallet per currency."""
+
+    wallet_id: Annotated[str, msgspec.Meta(description="The owner's existing wallet in this currency.")]
+
+
 def _entry_response(entry: Entry, replayed: bool) -> Response[Entry]:
     return Response(entry, status_code=201, headers=REPLAYED if replayed else None)
 
@@ -81,7 +96,13 @@ class WalletController(Controller):
         opt={"scope": "admin"},
         summary="Create a wallet",
         operation_class=json_body(CreateWallet),
-        responses=problem_responses(400, 401, 403, 409, 413, 503),
+        responses={
+            **problem_responses(400, 401, 403, 413, 503),
+            409: problem_response(
+                "wallet_exists: the owner has a wallet in this currency; `wallet_id` names it",
+                WalletExistsProblem,
+            ),
+        },
     )
     async def create_wallet(self, body: bytes, wallets: Wallets, owner_ids: OwnerIds) -> Wallet:
         return await wallets.create_wallet(decode_body(body, CreateWallet), owner_ids=owner_ids)

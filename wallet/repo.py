@@ -51,6 +51,10 @@ async def insert_wallet(
     return None if record is None else _row(record)
 
 
+async def wallet_id_of_owner(conn: asyncpg.Connection, owner_id: str, currency: str) -> uuid.UUID | None:
+    return await conn.fetchval(Q["wallet_id_of_owner"], owner_id, currency)
+
+
 async def wallet_by_id(conn: asyncpg.Connection, wallet_id: uuid.UUID) -> WalletRow | None:
     record = await conn.fetchrow(Q["wallet_by_id"], wallet_id)
     return None if record is None else _row(record)

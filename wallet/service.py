@@ -262,7 +262,12 @@ class Wallets:
                 conn, wallet_id, request.owner_id, request.currency, request.overdraft_limit_micros
             )
             if row is None:
-                raise WalletExists(f"owner {request.owner_id!r} already has a {request.currency} wallet")
+                existing_id = await repo.wallet_id_of_owner(conn, request.owner_id, request.currency)
+                invariant(existing_id is not None, "insert_wallet met a wallet that is not there")
+                raise WalletExists(
+                    f"owner {request.owner_id!r} already has a {request.currency} wallet: {existing_id}",
+                    wallet_id=str(existing_id),
+                )
             await ledger_repo.ensure_system_accounts(conn, request.currency)
             await ledger_repo.insert_wallet_account(conn, wallet_id, request.currency)
         self.owners.remember(wallet_id, request.owner_id)

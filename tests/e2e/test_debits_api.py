@@ -100,10 +100,12 @@ async def test_entries_page_newest_first(client: httpx.AsyncClient, keys: Keys) 
 async def test_wallet_exists_and_owner_listing(client: httpx.AsyncClient, keys: Keys) -> None:
     owner = f"owner-{secrets.token_hex(4)}"
     body = {"owner_id": owner, "currency": "eur"}
-    assert (await client.post("/v1/wallets", json=body, headers=auth(keys.admin))).status_code == 201
+    first = await client.post("/v1/wallets", json=body, headers=auth(keys.admin))
+    assert first.status_code == 201
     again = await client.post("/v1/wallets", json=body, headers=auth(keys.admin))
     assert again.status_code == 409
     assert again.json()["code"] == "wallet_exists"
+    assert again.json()["wallet_id"] == first.json()["id"]
     assert (
         await client.post("/v1/wallets", json={**body, "currency": "usd"}, headers=auth(keys.admin))
     ).status_code == 201
@@ -133,11 +135,17 @@ async def test_scopes(client: httpx.AsyncClient, keys: Keys) -> None:
 async def test_health_and_schema(client: httpx.AsyncClient) -> None:
     assert (await client.get("/healthz")).status_code == 200
     assert (await client.get("/readyz")).status_code == 200
+    for path in ("/healthz", "/readyz"):  # what load balancers send
+        head = await client.head(path)
+        assert (head.status_code, head.content) == (200, b""), path
     schema = (await client.get("/schema/openapi.json")).json()
     debit = schema["paths"]["/v1/wallets/{wallet_id}/debits"]["post"]
     assert debit["requestBody"]["content"]["application/json"]["schema"]["required"] == ["amount_micros"]
     assert set(debit["responses"]) >= {"201", "400", "401", "402", "403", "404", "409", "503"}
     assert "application/problem+json" in debit["responses"]["402"]["content"]
+    exists = schema["paths"]["/v1/wallets"]["post"]["responses"]["409"]["content"]["application/problem+json"]
+    exists_schema = schema["components"]["schemas"][exists["schema"]["$ref"].rsplit("/", 1)[1]]
+    assert "wallet_id" in exists_schema["required"]
     metrics = (await client.get("/metrics")).text
     assert "centime_debit_latency_seconds" in metrics
     assert "centime_commit_batch_entries" in metrics

@@ -1,7 +1,7 @@
 """The plain-ASGI debit path (CENTIME_FAST_DEBITS=true) answers every request,
 good or bad, exactly as the Litestar handler does: same status, headers and
-problem+json body, keys that name owners included; and its answers are
-counted in /metrics."""
+problem+json body, keys that name owners included, a request id on each;
+and both count their answers in /metrics under the same route template."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ FUNDED_MICROS = 1_000_000
 DEBIT = "/v1/wallets/{w}/debits"
 OVER_64_KIB = json.dumps({"amount_micros": 1, "description": "d" * (65 * 1024)}).encode()
 IGNORED_HEADERS = {"date", "server", "content-length"}
+MADE_REQUEST_ID = re.compile(r"[0-9a-f]{12}-[0-9a-f]+")
 
 
 @dataclass(frozen=True)
@@ -206,10 +207,17 @@ async def send(http: httpx.AsyncClient, c: Ctx, req: Req) -> httpx.Response:
 
 def normalized(response: httpx.Response, c: Ctx) -> tuple[int, list[tuple[str, str]], Any, str]:
     """What must be equal on both paths, parsed and byte for byte: the
-    per-server wallet, key and entry ids and times replaced."""
+    per-server wallet, key and entry ids and times replaced, and the request
+    id (made per request, so never equal) replaced once it has its form."""
     assert response.headers.get("content-length") == str(len(response.content)), response.headers
-    headers = sorted((k, v) for k, v in response.headers.multi_items() if k not in IGNORED_HEADERS)
-    text = response.text
+    request_id = response.headers.get("x-request-id", "")
+    assert MADE_REQUEST_ID.fullmatch(request_id), response.headers
+    headers = sorted(
+        (k, "<request-id>" if k == "x-request-id" else v)
+        for k, v in response.headers.multi_items()
+        if k not in IGNORED_HEADERS
+    )
+    text = response.text.replace(request_id, "<request-id>")
     body: Any = None
     if response.headers.get("content-type", "").split(";")[0].endswith("json"):
         body = json.loads(text)
@@ -258,20 +266,27 @@ async def test_both_paths_answer_alike(
     assert fast == framework, f"\nfast:      {fast}\nframework: {framework}"
 
 
-def requests_201(metrics_text: str) -> float:
-    found = re.search(r'^centime_requests_total\{method="POST",status="201"\} (\S+)$', metrics_text, re.M)
+def debits_201(metrics_text: str) -> float:
+    found = re.search(
+        r'^centime_requests_total\{method="POST",route="/v1/wallets/\{wallet_id\}/debits",status="201"\} (\S+)$',
+        metrics_text,
+        re.M,
+    )
     return float(found[1]) if found else 0.0
 
 
-async def test_fast_path_is_counted(clients: list[httpx.AsyncClient], keys: Keys) -> None:
-    fast = clients[0]
-    wallet_id = await new_wallet(fast, keys, funded_micros=FUNDED_MICROS)
-    before = requests_201((await fast.get("/metrics")).text)
-    response = await fast.post(
+@pytest.mark.parametrize("path", ["fast", "framework"])
+async def test_both_paths_count_debits_by_route(
+    path: str, clients: list[httpx.AsyncClient], keys: Keys
+) -> None:
+    http = clients[0 if path == "fast" else 1]
+    wallet_id = await new_wallet(http, keys, funded_micros=FUNDED_MICROS)
+    before = debits_201((await http.get("/metrics")).text)
+    response = await http.post(
         DEBIT.format(w=wallet_id), json=ONE, headers=auth(keys.debit, secrets.token_hex(8))
     )
     assert response.status_code == 201, response.text
-    after = requests_201((await fast.get("/metrics")).text)
+    after = debits_201((await http.get("/metrics")).text)
     assert after == before + 1
 
 

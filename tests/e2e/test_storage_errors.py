@@ -1,12 +1,15 @@
 """Only Postgres or Redis not answering is 503 `unavailable`: a statement
 Postgres refuses (a constraint, a data error) or a command Redis refuses is a
-bug, answered 500 `internal_error`, counted, and never described as "nothing
-was charged". Errors come from the real servers, not made up."""
+bug, answered 500 `internal_error`, counted, logged with the request's id (which
+the answer names), and never described as "nothing was charged". Errors come
+from the real servers, not made up."""
 
 from __future__ import annotations
 
 import secrets
+import tempfile
 from collections.abc import AsyncIterator
+from typing import IO
 
 import asyncpg
 import httpx
@@ -84,10 +87,12 @@ async def test_redis_refusals_are_500_and_a_closed_port_503(settings: Settings) 
 
 
 @pytest.fixture
-async def refusing_server(settings: Settings, private_database: str) -> AsyncIterator[tuple[Server, Keys]]:
+async def refusing_server(
+    settings: Settings, private_database: str
+) -> AsyncIterator[tuple[Server, Keys, IO[bytes]]]:
     """A server whose database refuses wallets of owner 'refused' and ledger
     entries described 'refused' (CHECKs added for the test): the refusals are
-    Postgres's own."""
+    Postgres's own. Its log goes to a file."""
     conn = await asyncpg.connect(private_database)
     try:
         await conn.execute("ALTER TABLE wallets ADD CONSTRAINT refuse_owner CHECK (owner_id <> 'refused')")
@@ -102,11 +107,12 @@ async def refusing_server(settings: Settings, private_database: str) -> AsyncIte
         database_url=private_database,
         redis_prefix=f"{settings.redis_prefix}e{secrets.token_hex(3)}",
     )
-    server = start_server(own)
-    try:
-        yield server, await make_keys(private_database)
-    finally:
-        stop_server(server)
+    with tempfile.TemporaryFile() as log:
+        server = start_server(own, log=log)
+        try:
+            yield server, await make_keys(private_database), log
+        finally:
+            stop_server(server)
 
 
 def internal_errors(metrics_text: str) -> float:
@@ -117,17 +123,25 @@ def internal_errors(metrics_text: str) -> float:
 
 
 async def test_a_constraint_error_over_http_is_500_counted_not_503(
-    refusing_server: tuple[Server, Keys],
+    refusing_server: tuple[Server, Keys, IO[bytes]],
 ) -> None:
-    server, keys = refusing_server
+    server, keys, log = refusing_server
+    request_id = f"refused-{secrets.token_hex(4)}"
     async with httpx.AsyncClient(base_url=server.base_url, timeout=10) as http:
         before = internal_errors((await http.get("/metrics")).text)
         answer = await http.post(
-            "/v1/wallets", json={"owner_id": "refused", "currency": "usd"}, headers=auth(keys.admin)
+            "/v1/wallets",
+            json={"owner_id": "refused", "currency": "usd"},
+            headers={**auth(keys.admin), "X-Request-Id": request_id},
         )
         assert answer.status_code == 500, answer.text
         body = answer.json()
         assert body["code"] == "internal_error"
+        assert (body["request_id"], answer.headers["x-request-id"]) == (request_id, request_id)
+        log.seek(0)
+        logged = log.read().decode()
+        assert f"ERROR centime: unhandled error request_id={request_id}" in logged, logged[:800]
+        assert "CheckViolationError" in logged  # the traceback is in the log, not on the wire
         assert "nothing was charged" not in body["detail"]
         assert "refuse_owner" not in answer.text  # no internals on the wire
         assert internal_errors((await http.get("/metrics")).text) == before + 1
@@ -138,12 +152,12 @@ async def test_a_constraint_error_over_http_is_500_counted_not_503(
 
 
 async def test_a_debit_the_ledger_refuses_is_500_and_undone_not_503(
-    refusing_server: tuple[Server, Keys],
+    refusing_server: tuple[Server, Keys, IO[bytes]],
 ) -> None:
     """The debit path's own refusal: the Lua script charged Redis, the ledger
     refused the entry. The charge is undone and the answer is 500, not the
     503 that would invite retries forever; a batch item says the same."""
-    server, keys = refusing_server
+    server, keys, _ = refusing_server
     async with httpx.AsyncClient(base_url=server.base_url, timeout=10) as http:
         wallet_id = await new_wallet(http, keys, funded_micros=5_000)
         before = internal_errors((await http.get("/metrics")).text)

@@ -12,7 +12,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("centime", "ledger", "wallet", "topup", "reconcile")
 DOMAIN = ("ledger", "wallet", "topup", "reconcile")
-KERNEL = ("centime.errors", "centime.money", "centime.settings", "centime.sql", "centime.metrics")
+KERNEL = (
+    "centime.errors",
+    "centime.money",
+    "centime.settings",
+    "centime.sql",
+    "centime.metrics",
+    "centime.logs",
+)
 FACE = (
     "centime.app",
     "centime.cli",
@@ -20,6 +27,8 @@ FACE = (
     "centime.migrate",
     "centime.embedded",
     "centime.fast_debits",
+    "centime.access",
+    "centime.api_reference",
     "centime.__main__",
 )
 

@@ -7,6 +7,10 @@ VALUES ($1, $2, $3, $4)
 ON CONFLICT (owner_id, currency) DO NOTHING
 RETURNING id, owner_id, currency, overdraft_limit_micros, status, created_at
 
+-- name: wallet_id_of_owner
+-- The owner's wallet in that currency (the one insert_wallet met).
+SELECT id FROM wallets WHERE owner_id = $1 AND currency = $2
+
 -- name: wallet_by_id
 SELECT id, owner_id, currency, overdraft_limit_micros, status, created_at
   FROM wallets WHERE id = $1

@@ -184,11 +184,9 @@ def main() -> None:
 def compare(old: Tree, new: Tree, *, pairs: int, seconds: int) -> None:
     arms = [(old, "all"), (new, "all")] + ([(new, "owned")] if "owned" in new.keys else [])
     rates: dict[str, list[float]] = {f"{t.name}/{k}": [] for t, k in arms}
-    for pair in range(args.pairs):
+    for pair in range(pairs):
         for tree, key_name in arms:
-            result = run_wrk(
-                tree, key_name, args.seconds, f"ab{pair}{tree.name}{key_name}{secrets.token_hex(2)}"
-            )
+            result = run_wrk(tree, key_name, seconds, f"ab{pair}{tree.name}{key_name}{secrets.token_hex(2)}")
             arm = f"{tree.name}/{key_name}"
             rates[arm].append(float(result["rps"]))  # type: ignore[arg-type]
             print(json.dumps({"pair": pair, "arm": arm, **result}), flush=True)

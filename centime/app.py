@@ -322,6 +322,126 @@ def served(app: Litestar, settings: Settings) -> ASGIApp:
     return observed(inner, access_log)
 
 
+async def _open_stores(settings: Settings, stack: contextlib.AsyncExitStack) -> tuple[asyncpg.Pool, Cache]:
+    """The Postgres pool and the Redis cache, closed by `stack`."""
+    assert settings.database_url is not None and settings.redis_url is not None
+    timeout_s = settings.database_timeout_ms / 1000
+    pool = await asyncpg.create_pool(
+        settings.database_url,
+        min_size=1,
+        max_size=settings.database_pool_max,
+        command_timeout=timeout_s,
+        timeout=timeout_s,
+    )
+    stack.push_async_callback(pool.close)
+    client = redis_client(settings.redis_url, settings)
+    stack.push_async_callback(client.aclose)
+    tick = TickClient(settings.redis_url, timeout_s=settings.redis_timeout_ms / 1000)
+    stack.push_async_callback(tick.close)
+    cache = Cache(client, prefix=settings.redis_prefix, partition_count=settings.partition_count, tick=tick)
+    return pool, cache
+
+
+def _ledger_writer(settings: Settings, wallets: list[Wallets]) -> LedgerWriter:
+    """The group-commit writer; its after-commit hook is the Wallets made
+    with it (`wallets`, filled once they exist)."""
+    assert settings.database_url is not None
+    database_url = settings.database_url
+    timeout_s = settings.database_timeout_ms / 1000
+
+    async def after_commit(entries, outcomes):  # type: ignore[no-untyped-def]
+        return await wallets[0].after_commit(entries, outcomes)
+
+    return LedgerWriter(
+        lambda: asyncpg.connect(database_url, timeout=timeout_s, command_timeout=timeout_s),
+        batch_entries_max=settings.commit_batch_entries_max,
+        connections=settings.commit_connections,
+        timeout_s=timeout_s,
+        queue_wait_max_s=settings.commit_timeout_ms / 1000,
+        after_commit=after_commit,
+        observe_batch=metrics.commit_batch_entries.observe,
+    )
+
+
+async def _compose(app: Litestar, settings: Settings, stack: contextlib.AsyncExitStack) -> None:
+    """Open the stores, make the services into app.state, start the
+    background work; `stack` undoes it all, last first."""
+    pool, cache = await _open_stores(settings, stack)
+    timeout_s = settings.database_timeout_ms / 1000
+    made: list[Wallets] = []
+    writer = _ledger_writer(settings, made)
+    wallets = Wallets(pool=pool, cache=cache, writer=writer, settings=settings)
+    made.append(wallets)
+    gateway = stripe_gateway(settings)
+    if gateway is not None:
+        stack.push_async_callback(gateway.close)
+    key_store = await _key_store(pool, settings, timeout_s)
+    app.state.update(
+        pool=pool,
+        cache=cache,
+        wallets=wallets,
+        holds=Holds(wallets=wallets),
+        topups=TopUps(pool=pool, cache=cache, gateway=gateway, settings=settings),
+        timeout_s=timeout_s,
+        key_store=key_store,
+        metrics_token=settings.metrics_token,
+    )
+    writer.start()
+    stack.push_async_callback(writer.stop)
+    stack.push_async_callback(key_store.close)
+    # What exists now lives as long as the process: out of the collector's
+    # sight, so its full collections stop walking it (p99 of a debit under
+    # load 39 -> 15 ms, docs/performance.md).
+    gc.collect()
+    gc.freeze()
+    stop = asyncio.Event()
+    sweeper = None
+    if settings.run_sweeper:
+
+        def on_pass(report: SweepReport, depth: int) -> None:
+            metrics.outbox_depth.set(depth)
+
+        sweeper = asyncio.create_task(run_sweeper(pool, cache, settings, stop=stop, on_pass=on_pass))
+    key_store.watch(stop)
+
+    async def halt() -> None:
+        stop.set()
+        if sweeper is not None:
+            await sweeper
+
+    stack.push_async_callback(halt)
+
+
+def _exception_handlers() -> dict[type[Exception], Any]:
+    """Every error as one problem+json (centime.wire.problem_answer)."""
+    return {
+        CentimeError: _raised_error,
+        ValidationException: _validation_error,
+        NotAuthorizedException: _http_error,
+        PermissionDeniedException: _http_error,
+        HTTPException: _http_error,
+        **dict.fromkeys(STORAGE_ERRORS, _raised_error),
+        Exception: _raised_error,
+    }
+
+
+def _openapi_config() -> OpenAPIConfig:
+    """The schema at /schema/openapi.json, its security schemes, and the offline reference page."""
+    return OpenAPIConfig(
+        title="centime",
+        version="0.1.0",
+        description="Wallets and a double-entry ledger for micro-payments.",
+        path="/schema",
+        components=Components(
+            security_schemes={
+                API_KEY_SCHEME: _API_KEY_SECURITY,
+                STRIPE_SIGNATURE_SCHEME: STRIPE_SIGNATURE_SECURITY,
+            }
+        ),
+        render_plugins=[ApiReference()],
+    )
+
+
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or load_settings()
     if settings.database_url is None or settings.redis_url is None:
@@ -329,76 +449,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        database_url, redis_url = settings.database_url, settings.redis_url
-        timeout_s = settings.database_timeout_ms / 1000
-        pool = await asyncpg.create_pool(
-            database_url,
-            min_size=1,
-            max_size=settings.database_pool_max,
-            command_timeout=timeout_s,
-            timeout=timeout_s,
-        )
-        client = redis_client(redis_url, settings)
-        tick = TickClient(redis_url, timeout_s=settings.redis_timeout_ms / 1000)
-        cache = Cache(
-            client, prefix=settings.redis_prefix, partition_count=settings.partition_count, tick=tick
-        )
-        wallets: Wallets | None = None
-
-        async def after_commit(entries, outcomes):  # type: ignore[no-untyped-def]
-            assert wallets is not None
-            return await wallets.after_commit(entries, outcomes)
-
-        writer = LedgerWriter(
-            lambda: asyncpg.connect(database_url, timeout=timeout_s, command_timeout=timeout_s),
-            batch_entries_max=settings.commit_batch_entries_max,
-            connections=settings.commit_connections,
-            timeout_s=timeout_s,
-            queue_wait_max_s=settings.commit_timeout_ms / 1000,
-            after_commit=after_commit,
-            observe_batch=metrics.commit_batch_entries.observe,
-        )
-        wallets = Wallets(pool=pool, cache=cache, writer=writer, settings=settings)
-        gateway = stripe_gateway(settings)
-        key_store = await _key_store(pool, settings, timeout_s)
-        app.state.update(
-            pool=pool,
-            cache=cache,
-            wallets=wallets,
-            holds=Holds(wallets=wallets),
-            topups=TopUps(pool=pool, cache=cache, gateway=gateway, settings=settings),
-            timeout_s=timeout_s,
-            key_store=key_store,
-            metrics_token=settings.metrics_token,
-        )
-        writer.start()
-        # What exists now lives as long as the process: out of the collector's
-        # sight, so its full collections stop walking it (p99 of a debit under
-        # load 39 -> 15 ms, docs/performance.md).
-        gc.collect()
-        gc.freeze()
-        stop = asyncio.Event()
-        sweeper = None
-        if settings.run_sweeper:
-
-            def on_pass(report: SweepReport, depth: int) -> None:
-                metrics.outbox_depth.set(depth)
-
-            sweeper = asyncio.create_task(run_sweeper(pool, cache, settings, stop=stop, on_pass=on_pass))
-        key_store.watch(stop)
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            await _compose(app, settings, stack)
             yield
-        finally:
-            stop.set()
-            if sweeper is not None:
-                await sweeper
-            await key_store.close()
-            await writer.stop()
-            if gateway is not None:
-                await gateway.close()
-            await tick.close()
-            await client.aclose()
-            await pool.close()
 
     app = Litestar(
         route_handlers=[
@@ -424,28 +477,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "topups": Provide(_topups),
             "owner_ids": Provide(_owner_ids, sync_to_thread=False),
         },
-        exception_handlers={
-            CentimeError: _raised_error,
-            ValidationException: _validation_error,
-            NotAuthorizedException: _http_error,
-            PermissionDeniedException: _http_error,
-            HTTPException: _http_error,
-            **dict.fromkeys(STORAGE_ERRORS, _raised_error),
-            Exception: _raised_error,
-        },
-        openapi_config=OpenAPIConfig(
-            title="centime",
-            version="0.1.0",
-            description="Wallets and a double-entry ledger for micro-payments.",
-            path="/schema",
-            components=Components(
-                security_schemes={
-                    API_KEY_SCHEME: _API_KEY_SECURITY,
-                    STRIPE_SIGNATURE_SCHEME: STRIPE_SIGNATURE_SECURITY,
-                }
-            ),
-            render_plugins=[ApiReference()],
-        ),
+        exception_handlers=_exception_handlers(),
+        openapi_config=_openapi_config(),
         response_headers=[
             ResponseHeader(
                 name="X-Request-Id",

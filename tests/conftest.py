@@ -339,6 +339,24 @@ def stripe_server(stripe_settings: Settings, fake_stripe: FakeStripe) -> Iterato
     stop_server(running)
 
 
+@pytest.fixture(scope="session")
+def silent_fake_stripe() -> Iterator[FakeStripe]:
+    """A second fake Stripe, with the same fees, that delivers no webhooks: a test sends
+    each event itself, so no delivery of the fake's races it. A test that switches an
+    outage on switches it off again (FakeStripe.outage)."""
+    fake = start_fake_stripe(fee_bps=STRIPE_FEE_BPS, fee_fixed_minor=STRIPE_FEE_FIXED_MINOR)
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="session")
+def silent_stripe_server(settings: Settings, silent_fake_stripe: FakeStripe) -> Iterator[Server]:
+    """centime with top-ups on the silent fake, on the run's database and Redis prefix."""
+    running = start_server(with_stripe(settings, silent_fake_stripe))
+    yield running
+    stop_server(running)
+
+
 # Postgres and Redis of a test's own, in-process -------------------------------------
 
 HARNESS_PARTITIONS = 4

@@ -1,24 +1,35 @@
 """The reconciler against localstripe over real HTTP: a clean day reconciles
 with nothing unmatched; a lost webhook is found and healed once; a made-up
 charge is missing in Stripe; fee differences are healed (missing) or
-reported (different); concurrent runs never both heal; exit codes say which."""
+reported (different); concurrent runs never both heal; exit codes say which;
+Redis drift is a finding of the run, repaired; a run a killed process left
+running is marked failed; the worker catches up on yesterday at start, once,
+and retries a failed night; the table and CSV outputs show what the API does."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import csv
+import io
 import json
+import os
 import secrets
+import signal
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 import msgspec
 import pytest
+import redis.asyncio as redis
 from conftest import (
     ROOT,
     STRIPE_WEBHOOK_SECRET,
@@ -35,7 +46,12 @@ from conftest import (
 )
 from stripe_support import FakeStripe, make_dispute, make_event, pay, sign, start_fake_stripe, stripe_client
 
+from centime.reconciling import reconciler
 from centime.settings import Settings
+from reconcile.scheduler import parse_at, run_nightly
+from reconcile.schemas import Item
+from reconcile.service import default_window
+from wallet.cache import Cache
 
 FEE_BPS, FEE_FIXED = 290, 30
 
@@ -89,15 +105,32 @@ async def world(settings: Settings, private_database: str, own_fake: FakeStripe)
         await delete_prefix(own.redis_url, own.redis_prefix)
 
 
-def reconcile(world: World, *args: str) -> tuple[int, dict[str, Any]]:
+def reconcile_command(world: World, *args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "centime",
+        "reconcile",
+        "--since",
+        world.since,
+        "--until",
+        world.until,
+        *args,
+    ]
+
+
+def reconcile_text(world: World, *args: str, **env: str) -> tuple[int, str]:
     done = subprocess.run(
-        [sys.executable, "-m", "centime", "reconcile", "--since", world.since, "--until", world.until,
-         "--format", "json", *args],
-        cwd=ROOT, env=settings_env(world.settings), capture_output=True, text=True, timeout=120,
+        reconcile_command(world, *args),
+        cwd=ROOT, env=settings_env(world.settings, **env), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode in (0, 1, 2), done.stderr
-    report = json.loads(done.stdout) if done.stdout.strip() else {}
-    return done.returncode, report
+    return done.returncode, done.stdout
+
+
+def reconcile(world: World, *args: str, **env: str) -> tuple[int, dict[str, Any]]:
+    code, output = reconcile_text(world, "--format", "json", *args, **env)
+    return code, json.loads(output) if output.strip() else {}
 
 
 async def paid_topup(world: World, amount_micros: int, *, deliver: bool = True) -> dict[str, Any]:
@@ -359,3 +392,190 @@ async def test_a_missed_dispute_is_opened_then_closed_through_the_webhook_path(w
     assert (wallet["status"], wallet["balance_micros"]) == ("active", 10_000_000)
     code, again = reconcile(world)
     assert (code, again["items"]) == (0, []), again
+
+
+# Balance drift, interrupted runs, the nightly schedule and the output formats -----------
+
+WAIT_S = 30.0
+
+
+async def wait_for(predicate: Callable[[], Awaitable[bool]], what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        if await predicate():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def runs_of(world: World) -> list[asyncpg.Record]:
+    """Every recorded run, oldest first."""
+    conn = await asyncpg.connect(world.settings.database_url)
+    try:
+        return await conn.fetch(
+            "SELECT id, window_start, window_end, status, error FROM reconciliation_runs ORDER BY id"
+        )
+    finally:
+        await conn.close()
+
+
+def spawn(world: World, command: list[str], log: Path | None = None) -> subprocess.Popen[bytes]:
+    """A centime command on the world's settings, running; its stderr to `log`."""
+    with open(log or os.devnull, "wb") as stderr:
+        return subprocess.Popen(
+            command, cwd=ROOT, env=settings_env(world.settings), stdout=subprocess.DEVNULL, stderr=stderr
+        )
+
+
+def start_worker(world: World, log: Path) -> subprocess.Popen[bytes]:
+    return spawn(world, [sys.executable, "-m", "centime", "worker"], log)
+
+
+@contextlib.asynccontextmanager
+async def cache_of(world: World) -> AsyncIterator[tuple[redis.Redis, Cache]]:
+    assert world.settings.redis_url is not None
+    client = redis.Redis.from_url(world.settings.redis_url)
+    try:
+        yield (
+            client,
+            Cache(client, prefix=world.settings.redis_prefix, partition_count=world.settings.partition_count),
+        )
+    finally:
+        await client.aclose()
+
+
+async def test_redis_drift_is_a_balance_drift_finding_of_the_run_and_is_repaired(world: World) -> None:
+    topup = await paid_topup(world, 10_000_000)
+    wallet_key = topup["wallet_id"]
+    async with cache_of(world) as (client, cache):
+        key = cache.wallet_key(uuid.UUID(wallet_key))
+        await client.hincrby(key, "b", 1_234)  # Redis says more than the ledger
+        # A shorter commit timeout: the drift check waits out one before it believes a drift.
+        code, report = reconcile(world, CENTIME_COMMIT_TIMEOUT_MS="500")
+        assert code == 0, report
+        (item,) = report["items"]
+        assert (item["category"], item["wallet_id"], item["currency"]) == ("balance_drift", wallet_key, "usd")
+        assert (item["ledger_amount_micros"], item["healed"]) == (-1_234, True)
+        assert (report["run"]["counts"]["balance_drift"], report["run"]["healed"]) == (1, 1)
+        assert int(await client.hget(key, "b")) == 10_000_000
+
+
+async def test_a_run_a_killed_process_left_running_is_marked_failed_by_the_next(world: World) -> None:
+    os.kill(world.fake.process.pid, signal.SIGSTOP)  # the run waits on Stripe's listing
+    try:
+        killed = spawn(world, reconcile_command(world))
+        try:
+
+            async def running() -> bool:
+                return [r["status"] for r in await runs_of(world)] == ["running"]
+
+            await wait_for(running, "the run to start")
+        finally:
+            killed.kill()
+            killed.wait(timeout=10)
+    finally:
+        os.kill(world.fake.process.pid, signal.SIGCONT)
+    code, report = reconcile(world)
+    assert code == 0, report  # the lock died with the process
+    (interrupted, clean) = await runs_of(world)
+    assert (interrupted["status"], interrupted["error"]) == (
+        "failed",
+        "interrupted: the process ended before the run did",
+    )
+    assert (clean["id"], clean["status"]) == (uuid.UUID(report["run"]["id"]), "clean")
+
+
+def stop_worker(worker: subprocess.Popen[bytes]) -> None:
+    worker.terminate()
+    worker.wait(timeout=15)
+
+
+async def test_the_worker_catches_up_on_yesterday_at_start_and_only_once(
+    world: World, tmp_path: Path
+) -> None:
+    yesterday = default_window(datetime.now(UTC))
+    worker = start_worker(world, tmp_path / "first.log")
+    try:
+
+        async def reconciled() -> bool:
+            return [r["status"] for r in await runs_of(world)] == ["clean"]
+
+        await wait_for(reconciled, "the worker's catch-up run")
+    finally:
+        stop_worker(worker)
+    (run,) = await runs_of(world)
+    assert (run["window_start"], run["window_end"]) == yesterday
+
+    log = tmp_path / "second.log"
+    worker = start_worker(world, log)  # a restart: yesterday is done
+    try:
+
+        async def skipped() -> bool:
+            return f"skipped: run {run['id']} already reconciled" in log.read_text()
+
+        await wait_for(skipped, "the restarted worker to skip yesterday")
+    finally:
+        stop_worker(worker)
+    assert [r["id"] for r in await runs_of(world)] == [run["id"]]
+
+
+async def test_a_failed_nightly_run_is_retried(world: World) -> None:
+    assert world.settings.database_url is not None
+    pool = await asyncpg.create_pool(world.settings.database_url, min_size=1, max_size=4)
+    stop = asyncio.Event()
+    try:
+        async with cache_of(world) as (_, cache), reconciler(world.settings, pool, cache) as nightly:
+            with world.fake.outage("error", status=401):  # a revoked key, say: every call refused
+                schedule = asyncio.create_task(
+                    run_nightly(nightly, at=parse_at("02:00"), retry_after=timedelta(seconds=0.3), stop=stop)
+                )
+
+                async def failed() -> bool:
+                    return any(r["status"] == "failed" for r in await runs_of(world))
+
+                await wait_for(failed, "the first run to fail")
+
+            async def clean() -> bool:
+                return any(r["status"] == "clean" for r in await runs_of(world))
+
+            await wait_for(clean, "the retry to reconcile the day")
+            stop.set()
+            await asyncio.wait_for(schedule, WAIT_S)
+    finally:
+        stop.set()
+        await pool.close()
+    *failures, last = await runs_of(world)
+    assert failures and all(r["status"] == "failed" and "401" in r["error"] for r in failures)
+    assert last["status"] == "clean"
+    yesterday = default_window(datetime.now(UTC))
+    assert {(r["window_start"], r["window_end"]) for r in [*failures, last]} == {yesterday}
+
+
+async def test_the_table_and_csv_formats_show_the_run_and_its_items(world: World) -> None:
+    code, output = reconcile_text(world, "--format", "csv")
+    assert (code, output.splitlines()) == (0, [",".join(Item.__struct_fields__)])  # clean: the header alone
+
+    await paid_topup(world, 20_000_000, deliver=False)
+    code, table = reconcile_text(world, "--dry-run", "--format", "table")
+    assert code == 1
+    runs = (await world.http.get("/v1/reconciliation/runs", headers=auth(world.keys.admin))).json()["data"]
+    detail = await world.http.get(f"/v1/reconciliation/runs/{runs[0]['id']}", headers=auth(world.keys.admin))
+    (item,) = detail.json()["items"]
+    lines = table.splitlines()
+    assert lines[0].startswith(f"run {runs[0]['id']}  ") and lines[0].endswith("  (dry run)")
+    assert lines[1].startswith("status unmatched: 1 Stripe transactions, ")
+    assert lines[2].split() == ["missing_in_ledger", "1", "(20000000", "usd", "micros)"]
+    assert lines[3].split() == ["#", "category", "object", "stripe", "ledger", "healed", "detail"]
+    assert lines[4].split(maxsplit=5) == [
+        "1", "missing_in_ledger", item["stripe_object_id"], "20000000", "no", item["detail"],
+    ]  # fmt: skip
+    assert len(lines) == 5
+
+    code, output = reconcile_text(world, "--dry-run", "--format", "csv")
+    assert code == 1
+    runs = (await world.http.get("/v1/reconciliation/runs", headers=auth(world.keys.admin))).json()["data"]
+    detail = await world.http.get(f"/v1/reconciliation/runs/{runs[0]['id']}", headers=auth(world.keys.admin))
+    (item,) = detail.json()["items"]
+    assert list(csv.DictReader(io.StringIO(output))) == [
+        {field: "" if item[field] is None else str(item[field]) for field in Item.__struct_fields__}
+    ]

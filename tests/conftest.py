@@ -174,11 +174,13 @@ class Server(msgspec.Struct):
     port: int
 
 
-def start_server(settings: Settings, *, port: int | None = None, **env_overrides: str) -> Server:
+def start_server(
+    settings: Settings, *, port: int | None = None, serve_args: tuple[str, ...] = (), **env_overrides: str
+) -> Server:
     port = port or free_port()
     env = settings_env(settings, **env_overrides)
     process = subprocess.Popen(
-        [sys.executable, "-m", "centime", "serve", "--port", str(port)],
+        [sys.executable, "-m", "centime", "serve", "--port", str(port), *serve_args],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,

@@ -48,7 +48,7 @@ from stripe_support import FakeStripe, make_dispute, make_event, pay, sign, star
 
 from centime.reconciling import reconciler
 from centime.settings import Settings
-from reconcile.scheduler import parse_at, run_nightly
+from reconcile.scheduler import parse_at, run_nightly, run_once
 from reconcile.schemas import Item
 from reconcile.service import default_window
 from wallet.cache import Cache
@@ -56,14 +56,21 @@ from wallet.cache import Cache
 FEE_BPS, FEE_FIXED = 290, 30
 
 
-class World(msgspec.Struct):
+class Ledger(msgspec.Struct):
+    """A private database and Redis prefix with its own fake Stripe, and the window to reconcile."""
+
     settings: Settings
-    keys: Keys
-    server: Server
     fake: FakeStripe
-    http: httpx.AsyncClient
     since: str
     until: str
+
+
+class World(Ledger):
+    """The same, with centime serving it."""
+
+    keys: Keys
+    server: Server
+    http: httpx.AsyncClient
 
 
 @pytest.fixture
@@ -76,7 +83,8 @@ def own_fake() -> Iterator[FakeStripe]:
 
 
 @pytest.fixture
-async def world(settings: Settings, private_database: str, own_fake: FakeStripe) -> AsyncIterator[World]:
+async def ledger(settings: Settings, private_database: str, own_fake: FakeStripe) -> AsyncIterator[Ledger]:
+    """For tests that run the reconciler alone: no server."""
     own = with_stripe(
         msgspec.structs.replace(
             settings,
@@ -85,27 +93,29 @@ async def world(settings: Settings, private_database: str, own_fake: FakeStripe)
         ),
         own_fake,
     )
-    keys = await make_keys(private_database)
-    server = start_server(own, CENTIME_RUN_SWEEPER="true")
     now = datetime.now(UTC)
     try:
-        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
-            yield World(
-                own,
-                keys,
-                server,
-                own_fake,
-                http,
-                (now - timedelta(hours=1)).isoformat(),
-                (now + timedelta(hours=1)).isoformat(),
-            )
+        yield Ledger(
+            own, own_fake, (now - timedelta(hours=1)).isoformat(), (now + timedelta(hours=1)).isoformat()
+        )
     finally:
-        stop_server(server)
         assert own.redis_url is not None
         await delete_prefix(own.redis_url, own.redis_prefix)
 
 
-def reconcile_command(world: World, *args: str) -> list[str]:
+@pytest.fixture
+async def world(ledger: Ledger) -> AsyncIterator[World]:
+    assert ledger.settings.database_url is not None
+    keys = await make_keys(ledger.settings.database_url)
+    server = start_server(ledger.settings, CENTIME_RUN_SWEEPER="true")
+    try:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
+            yield World(**msgspec.structs.asdict(ledger), keys=keys, server=server, http=http)
+    finally:
+        stop_server(server)
+
+
+def reconcile_command(world: Ledger, *args: str) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -119,7 +129,7 @@ def reconcile_command(world: World, *args: str) -> list[str]:
     ]
 
 
-def reconcile_text(world: World, *args: str, **env: str) -> tuple[int, str]:
+def reconcile_text(world: Ledger, *args: str, **env: str) -> tuple[int, str]:
     done = subprocess.run(
         reconcile_command(world, *args),
         cwd=ROOT, env=settings_env(world.settings, **env), capture_output=True, text=True, timeout=120,
@@ -128,7 +138,7 @@ def reconcile_text(world: World, *args: str, **env: str) -> tuple[int, str]:
     return done.returncode, done.stdout
 
 
-def reconcile(world: World, *args: str, **env: str) -> tuple[int, dict[str, Any]]:
+def reconcile(world: Ledger, *args: str, **env: str) -> tuple[int, dict[str, Any]]:
     code, output = reconcile_text(world, "--format", "json", *args, **env)
     return code, json.loads(output) if output.strip() else {}
 
@@ -408,7 +418,7 @@ async def wait_for(predicate: Callable[[], Awaitable[bool]], what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-async def runs_of(world: World) -> list[asyncpg.Record]:
+async def runs_of(world: Ledger) -> list[asyncpg.Record]:
     """Every recorded run, oldest first."""
     conn = await asyncpg.connect(world.settings.database_url)
     try:
@@ -419,7 +429,7 @@ async def runs_of(world: World) -> list[asyncpg.Record]:
         await conn.close()
 
 
-def spawn(world: World, command: list[str], log: Path | None = None) -> subprocess.Popen[bytes]:
+def spawn(world: Ledger, command: list[str], log: Path | None = None) -> subprocess.Popen[bytes]:
     """A centime command on the world's settings, running; its stderr to `log`."""
     with open(log or os.devnull, "wb") as stderr:
         return subprocess.Popen(
@@ -427,12 +437,12 @@ def spawn(world: World, command: list[str], log: Path | None = None) -> subproce
         )
 
 
-def start_worker(world: World, log: Path) -> subprocess.Popen[bytes]:
+def start_worker(world: Ledger, log: Path) -> subprocess.Popen[bytes]:
     return spawn(world, [sys.executable, "-m", "centime", "worker"], log)
 
 
 @contextlib.asynccontextmanager
-async def cache_of(world: World) -> AsyncIterator[tuple[redis.Redis, Cache]]:
+async def cache_of(world: Ledger) -> AsyncIterator[tuple[redis.Redis, Cache]]:
     assert world.settings.redis_url is not None
     client = redis.Redis.from_url(world.settings.redis_url)
     try:
@@ -460,24 +470,39 @@ async def test_redis_drift_is_a_balance_drift_finding_of_the_run_and_is_repaired
         assert int(await client.hget(key, "b")) == 10_000_000
 
 
-async def test_a_run_a_killed_process_left_running_is_marked_failed_by_the_next(world: World) -> None:
-    os.kill(world.fake.process.pid, signal.SIGSTOP)  # the run waits on Stripe's listing
+async def test_a_run_a_killed_process_left_running_is_marked_failed_by_the_next(ledger: Ledger) -> None:
+    os.kill(ledger.fake.process.pid, signal.SIGSTOP)  # the run waits on Stripe's listing
     try:
-        killed = spawn(world, reconcile_command(world))
+        killed = spawn(ledger, reconcile_command(ledger))
         try:
 
             async def running() -> bool:
-                return [r["status"] for r in await runs_of(world)] == ["running"]
+                return [r["status"] for r in await runs_of(ledger)] == ["running"]
 
             await wait_for(running, "the run to start")
         finally:
             killed.kill()
             killed.wait(timeout=10)
     finally:
-        os.kill(world.fake.process.pid, signal.SIGCONT)
-    code, report = reconcile(world)
-    assert code == 0, report  # the lock died with the process
-    (interrupted, clean) = await runs_of(world)
+        os.kill(ledger.fake.process.pid, signal.SIGCONT)
+
+    async def unlocked() -> bool:  # the lock dies with the killed run's connection
+        conn = await asyncpg.connect(ledger.settings.database_url)
+        try:
+            return (
+                await conn.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                )
+                == 0
+            )
+        finally:
+            await conn.close()
+
+    await wait_for(unlocked, "the killed run's lock to go")
+    code, report = reconcile(ledger)
+    assert code == 0, report
+    (interrupted, clean) = await runs_of(ledger)
     assert (interrupted["status"], interrupted["error"]) == (
         "failed",
         "interrupted: the process ended before the run did",
@@ -490,65 +515,55 @@ def stop_worker(worker: subprocess.Popen[bytes]) -> None:
     worker.wait(timeout=15)
 
 
-async def test_the_worker_catches_up_on_yesterday_at_start_and_only_once(
-    world: World, tmp_path: Path
-) -> None:
+async def test_the_worker_catches_up_on_yesterday_at_start(ledger: Ledger, tmp_path: Path) -> None:
     yesterday = default_window(datetime.now(UTC))
-    worker = start_worker(world, tmp_path / "first.log")
+    worker = start_worker(ledger, tmp_path / "worker.log")
     try:
 
         async def reconciled() -> bool:
-            return [r["status"] for r in await runs_of(world)] == ["clean"]
+            return [r["status"] for r in await runs_of(ledger)] == ["clean"]
 
         await wait_for(reconciled, "the worker's catch-up run")
     finally:
         stop_worker(worker)
-    (run,) = await runs_of(world)
+    (run,) = await runs_of(ledger)
     assert (run["window_start"], run["window_end"]) == yesterday
 
-    log = tmp_path / "second.log"
-    worker = start_worker(world, log)  # a restart: yesterday is done
-    try:
 
-        async def skipped() -> bool:
-            return f"skipped: run {run['id']} already reconciled" in log.read_text()
-
-        await wait_for(skipped, "the restarted worker to skip yesterday")
-    finally:
-        stop_worker(worker)
-    assert [r["id"] for r in await runs_of(world)] == [run["id"]]
-
-
-async def test_a_failed_nightly_run_is_retried(world: World) -> None:
-    assert world.settings.database_url is not None
-    pool = await asyncpg.create_pool(world.settings.database_url, min_size=1, max_size=4)
+async def test_a_failed_night_is_retried_and_a_reconciled_one_is_not_run_again(ledger: Ledger) -> None:
+    assert ledger.settings.database_url is not None
+    pool = await asyncpg.create_pool(ledger.settings.database_url, min_size=1, max_size=4)
     stop = asyncio.Event()
     try:
-        async with cache_of(world) as (_, cache), reconciler(world.settings, pool, cache) as nightly:
-            with world.fake.outage("error", status=401):  # a revoked key, say: every call refused
+        async with cache_of(ledger) as (_, cache), reconciler(ledger.settings, pool, cache) as nightly:
+            with ledger.fake.outage("error", status=401):  # a revoked key, say: every call refused
                 schedule = asyncio.create_task(
                     run_nightly(nightly, at=parse_at("02:00"), retry_after=timedelta(seconds=0.3), stop=stop)
                 )
 
                 async def failed() -> bool:
-                    return any(r["status"] == "failed" for r in await runs_of(world))
+                    return any(r["status"] == "failed" for r in await runs_of(ledger))
 
                 await wait_for(failed, "the first run to fail")
 
             async def clean() -> bool:
-                return any(r["status"] == "clean" for r in await runs_of(world))
+                return any(r["status"] == "clean" for r in await runs_of(ledger))
 
             await wait_for(clean, "the retry to reconcile the day")
             stop.set()
             await asyncio.wait_for(schedule, WAIT_S)
+            *failures, last = await runs_of(ledger)
+            # What a restarted worker does first: the day is done, so it is skipped.
+            again = await run_once(nightly, now=datetime.now(UTC))
+            assert again == f"skipped: run {last['id']} already reconciled {last['window_start'].date()}"
     finally:
         stop.set()
         await pool.close()
-    *failures, last = await runs_of(world)
     assert failures and all(r["status"] == "failed" and "401" in r["error"] for r in failures)
     assert last["status"] == "clean"
     yesterday = default_window(datetime.now(UTC))
     assert {(r["window_start"], r["window_end"]) for r in [*failures, last]} == {yesterday}
+    assert len(await runs_of(ledger)) == len(failures) + 1
 
 
 async def test_the_table_and_csv_formats_show_the_run_and_its_items(world: World) -> None:

@@ -166,11 +166,12 @@ async def _work(settings: Settings) -> None:
             jobs = [run_sweeper(pool, cache, settings, stop=stop)]
             if settings.reconcile_nightly and settings.stripe_secret_key is not None:
                 from centime.reconciling import reconciler
-                from reconcile.scheduler import parse_at, run_nightly
+                from reconcile.scheduler import RETRY_AFTER, parse_at, run_nightly
 
                 nightly = await stack.enter_async_context(reconciler(settings, pool, cache))
                 log.info(f"centime worker: reconciling nightly at {settings.reconcile_at_utc} UTC")
-                jobs.append(run_nightly(nightly, at=parse_at(settings.reconcile_at_utc), stop=stop))
+                at = parse_at(settings.reconcile_at_utc)
+                jobs.append(run_nightly(nightly, at=at, retry_after=RETRY_AFTER, stop=stop))
             await asyncio.gather(*jobs)
     finally:
         await client.aclose()
@@ -423,7 +424,9 @@ def _print_run(run: Any, items: list[Any], output: str) -> None:
         click.echo(msgspec.json.format(msgspec.json.encode({"run": run, "items": items})).decode())
         return
     if output == "csv":
-        fields = [f for f in items[0].__struct_fields__] if items else ["category", "detail"]
+        from reconcile.schemas import Item
+
+        fields = Item.__struct_fields__  # the same columns whether or not there are items
         writer = csv.writer(sys.stdout)
         writer.writerow(fields)
         for item in items:

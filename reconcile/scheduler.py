@@ -31,15 +31,18 @@ RETRY_AFTER = timedelta(minutes=30)
 """A failed nightly run is tried again this much later (the same day only)."""
 
 
-async def run_nightly(reconciler: Reconciler, *, at: time, stop: asyncio.Event) -> None:
+async def run_nightly(
+    reconciler: Reconciler, *, at: time, retry_after: timedelta, stop: asyncio.Event
+) -> None:
     """At start, catch up on yesterday if it was never reconciled (the worker
-    was down at `at`); then daily at `at`, retrying a failed run."""
+    was down at `at`); then daily at `at`, retrying a failed run `retry_after`
+    later."""
     while not stop.is_set():
         outcome = await run_once(reconciler, now=datetime.now(UTC))
         now = datetime.now(UTC)
         due = next_run_at(now, at)
         if outcome.startswith("failed"):
-            due = min(due, now + RETRY_AFTER)
+            due = min(due, now + retry_after)
         log.info("reconciliation: %s; next at %s", outcome, due.isoformat())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), (due - now).total_seconds())

@@ -176,13 +176,18 @@ class Server(msgspec.Struct):
 
 
 def start_server(
-    settings: Settings, *, port: int | None = None, log: IO[bytes] | None = None, **env_overrides: str
+    settings: Settings,
+    *,
+    port: int | None = None,
+    log: IO[bytes] | None = None,
+    serve_args: tuple[str, ...] = (),
+    **env_overrides: str,
 ) -> Server:
-    """`centime serve` on a port; its log (stderr) goes to `log`, else to the test's stderr."""
+    """`centime serve` on a port (with `serve_args`); its log (stderr) goes to `log`, else to the test's stderr."""
     port = port or free_port()
     env = settings_env(settings, **env_overrides)
     process = subprocess.Popen(
-        [sys.executable, "-m", "centime", "serve", "--port", str(port)],
+        [sys.executable, "-m", "centime", "serve", "--port", str(port), *serve_args],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -339,6 +344,24 @@ def stripe_server(stripe_settings: Settings, fake_stripe: FakeStripe) -> Iterato
         STRIPE_WEBHOOK_SECRET,
         webhook_id=f"centime-{running.port}",
     )
+    yield running
+    stop_server(running)
+
+
+@pytest.fixture(scope="session")
+def silent_fake_stripe() -> Iterator[FakeStripe]:
+    """A second fake Stripe, with the same fees, that delivers no webhooks: a test sends
+    each event itself, so no delivery of the fake's races it. A test that switches an
+    outage on switches it off again (FakeStripe.outage)."""
+    fake = start_fake_stripe(fee_bps=STRIPE_FEE_BPS, fee_fixed_minor=STRIPE_FEE_FIXED_MINOR)
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="session")
+def silent_stripe_server(settings: Settings, silent_fake_stripe: FakeStripe) -> Iterator[Server]:
+    """centime with top-ups on the silent fake, on the run's database and Redis prefix."""
+    running = start_server(with_stripe(settings, silent_fake_stripe))
     yield running
     stop_server(running)
 

@@ -29,6 +29,12 @@ What it changes in localstripe, at startup only (localstripe itself is never edi
 - Disputes (localstripe has none): ``POST /_config/disputes`` (JSON, no auth) stores a dispute
   object as given (tests build it with ``stripe_support.make_dispute``); ``GET
   /v1/disputes/{id}`` returns it.
+- Outages: ``POST /_config/outage`` (JSON, no auth) with ``{"mode": ..., "path_prefix": "/v1/"}``
+  makes every request under the prefix fail until ``{"mode": "off"}``: ``drop`` cuts the
+  connection before handling it (Stripe unreachable: nothing happens), ``lose_answer`` handles
+  it and then cuts the connection (Stripe acted, the answer was lost), ``error`` answers
+  ``status`` (default 500) with a Stripe error body (``api_error``, or
+  ``authentication_error`` for 401).
 
 This module imports nothing from the product packages.
 """
@@ -331,6 +337,52 @@ def _idempotency_middleware() -> Any:
     return middleware
 
 
+OUTAGE_MODES = ("off", "drop", "lose_answer", "error")
+
+
+def _outage_middleware(app: web.Application) -> Any:
+    """Fails requests the way an unreachable or failing Stripe would (see the module doc)."""
+    from localstripe.errors import UserError
+
+    outage: dict[str, Any] = {"mode": "off", "path_prefix": "/v1/", "status": 500}
+
+    async def configure(request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+            mode = body["mode"]
+            assert mode in OUTAGE_MODES
+            path_prefix = str(body.get("path_prefix", "/v1/"))
+            status = int(body.get("status", 500))
+            assert 400 <= status <= 599
+        except (ValueError, KeyError, TypeError, AssertionError):
+            raise UserError(400, f"Expected JSON with mode in {OUTAGE_MODES}") from None
+        outage.update(mode=mode, path_prefix=path_prefix, status=status)
+        return web.json_response(outage)
+
+    app.router.add_post("/_config/outage", configure)
+
+    def cut(request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        request.transport.abort()  # a reset, no answer
+        return web.Response(status=500)  # never sent
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+        mode = outage["mode"]
+        if mode == "off" or not request.path.startswith(outage["path_prefix"]):
+            return await handler(request)
+        if mode == "drop":
+            return cut(request)
+        if mode == "lose_answer":
+            await handler(request)
+            return cut(request)
+        kind = "authentication_error" if outage["status"] == 401 else "api_error"
+        body = {"error": {"type": kind, "message": f"fake outage: {outage['status']}"}}
+        return web.json_response(body, status=outage["status"])
+
+    return middleware
+
+
 def _add_balance_transaction_route(app: web.Application, resources: Any) -> None:
     from localstripe.errors import UserError
 
@@ -431,6 +483,7 @@ def build_app(fee_bps: int = 0, fee_fixed_minor: int = 0) -> web.Application:
     from localstripe.server import app
 
     app.middlewares.insert(0, _idempotency_middleware())
+    app.middlewares.insert(0, _outage_middleware(app))  # outermost: a lost answer was still kept
     _add_balance_transaction_route(app, resources)
     _add_dispute_routes(app)
     return app

@@ -72,6 +72,22 @@ class FakeStripe:
         httpx.delete(f"{self.base_url}/_config/data", timeout=5).raise_for_status()
         httpx.delete(f"{self.base_url}/_config/disputes", timeout=5).raise_for_status()
 
+    def set_outage(self, mode: str, *, path_prefix: str = "/v1/", status: int = 500) -> None:
+        """Makes requests under ``path_prefix`` fail until ``set_outage("off")``: ``drop`` (cut
+        before handling: unreachable), ``lose_answer`` (handled, then cut) or ``error``
+        (answered ``status``). The fake's own webhook deliveries are unaffected."""
+        body = {"mode": mode, "path_prefix": path_prefix, "status": status}
+        httpx.post(f"{self.base_url}/_config/outage", json=body, timeout=5).raise_for_status()
+
+    @contextlib.contextmanager
+    def outage(self, mode: str, *, path_prefix: str = "/v1/", status: int = 500) -> Iterator[None]:
+        """:meth:`set_outage` for the duration of a block, then off again."""
+        self.set_outage(mode, path_prefix=path_prefix, status=status)
+        try:
+            yield
+        finally:
+            self.set_outage("off")
+
     def put_dispute(self, dispute: dict[str, Any]) -> None:
         """Makes Stripe know ``dispute`` (from :func:`make_dispute`): ``GET /v1/disputes/{id}``."""
         httpx.post(f"{self.base_url}/_config/disputes", json=dispute, timeout=5).raise_for_status()

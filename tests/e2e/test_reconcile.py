@@ -1,24 +1,35 @@
 """The reconciler against localstripe over real HTTP: a clean day reconciles
 with nothing unmatched; a lost webhook is found and healed once; a made-up
 charge is missing in Stripe; fee differences are healed (missing) or
-reported (different); concurrent runs never both heal; exit codes say which."""
+reported (different); concurrent runs never both heal; exit codes say which;
+Redis drift is a finding of the run, repaired; a run a killed process left
+running is marked failed; the worker catches up on yesterday at start, once,
+and retries a failed night; the table and CSV outputs show what the API does."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import csv
+import io
 import json
+import os
 import secrets
+import signal
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 import msgspec
 import pytest
+import redis.asyncio as redis
 from conftest import (
     ROOT,
     STRIPE_WEBHOOK_SECRET,
@@ -35,19 +46,31 @@ from conftest import (
 )
 from stripe_support import FakeStripe, make_dispute, make_event, pay, sign, start_fake_stripe, stripe_client
 
+from centime.reconciling import reconciler
 from centime.settings import Settings
+from reconcile.scheduler import parse_at, run_nightly, run_once
+from reconcile.schemas import Item
+from reconcile.service import default_window
+from wallet.cache import Cache
 
 FEE_BPS, FEE_FIXED = 290, 30
 
 
-class World(msgspec.Struct):
+class Ledger(msgspec.Struct):
+    """A private database and Redis prefix with its own fake Stripe, and the window to reconcile."""
+
     settings: Settings
-    keys: Keys
-    server: Server
     fake: FakeStripe
-    http: httpx.AsyncClient
     since: str
     until: str
+
+
+class World(Ledger):
+    """The same, with centime serving it."""
+
+    keys: Keys
+    server: Server
+    http: httpx.AsyncClient
 
 
 @pytest.fixture
@@ -60,7 +83,8 @@ def own_fake() -> Iterator[FakeStripe]:
 
 
 @pytest.fixture
-async def world(settings: Settings, private_database: str, own_fake: FakeStripe) -> AsyncIterator[World]:
+async def ledger(settings: Settings, private_database: str, own_fake: FakeStripe) -> AsyncIterator[Ledger]:
+    """For tests that run the reconciler alone: no server."""
     own = with_stripe(
         msgspec.structs.replace(
             settings,
@@ -69,35 +93,54 @@ async def world(settings: Settings, private_database: str, own_fake: FakeStripe)
         ),
         own_fake,
     )
-    keys = await make_keys(private_database)
-    server = start_server(own, CENTIME_RUN_SWEEPER="true")
     now = datetime.now(UTC)
     try:
-        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
-            yield World(
-                own,
-                keys,
-                server,
-                own_fake,
-                http,
-                (now - timedelta(hours=1)).isoformat(),
-                (now + timedelta(hours=1)).isoformat(),
-            )
+        yield Ledger(
+            own, own_fake, (now - timedelta(hours=1)).isoformat(), (now + timedelta(hours=1)).isoformat()
+        )
     finally:
-        stop_server(server)
         assert own.redis_url is not None
         await delete_prefix(own.redis_url, own.redis_prefix)
 
 
-def reconcile(world: World, *args: str) -> tuple[int, dict[str, Any]]:
+@pytest.fixture
+async def world(ledger: Ledger) -> AsyncIterator[World]:
+    assert ledger.settings.database_url is not None
+    keys = await make_keys(ledger.settings.database_url)
+    server = start_server(ledger.settings, CENTIME_RUN_SWEEPER="true")
+    try:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
+            yield World(**msgspec.structs.asdict(ledger), keys=keys, server=server, http=http)
+    finally:
+        stop_server(server)
+
+
+def reconcile_command(world: Ledger, *args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "centime",
+        "reconcile",
+        "--since",
+        world.since,
+        "--until",
+        world.until,
+        *args,
+    ]
+
+
+def reconcile_text(world: Ledger, *args: str, **env: str) -> tuple[int, str]:
     done = subprocess.run(
-        [sys.executable, "-m", "centime", "reconcile", "--since", world.since, "--until", world.until,
-         "--format", "json", *args],
-        cwd=ROOT, env=settings_env(world.settings), capture_output=True, text=True, timeout=120,
+        reconcile_command(world, *args),
+        cwd=ROOT, env=settings_env(world.settings, **env), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode in (0, 1, 2), done.stderr
-    report = json.loads(done.stdout) if done.stdout.strip() else {}
-    return done.returncode, report
+    return done.returncode, done.stdout
+
+
+def reconcile(world: Ledger, *args: str, **env: str) -> tuple[int, dict[str, Any]]:
+    code, output = reconcile_text(world, "--format", "json", *args, **env)
+    return code, json.loads(output) if output.strip() else {}
 
 
 async def paid_topup(world: World, amount_micros: int, *, deliver: bool = True) -> dict[str, Any]:
@@ -359,3 +402,202 @@ async def test_a_missed_dispute_is_opened_then_closed_through_the_webhook_path(w
     assert (wallet["status"], wallet["balance_micros"]) == ("active", 10_000_000)
     code, again = reconcile(world)
     assert (code, again["items"]) == (0, []), again
+
+
+# Balance drift, interrupted runs, the nightly schedule and the output formats -----------
+
+WAIT_S = 30.0
+
+
+async def wait_for(predicate: Callable[[], Awaitable[bool]], what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        if await predicate():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def runs_of(world: Ledger) -> list[asyncpg.Record]:
+    """Every recorded run, oldest first."""
+    conn = await asyncpg.connect(world.settings.database_url)
+    try:
+        return await conn.fetch(
+            "SELECT id, window_start, window_end, status, error FROM reconciliation_runs ORDER BY id"
+        )
+    finally:
+        await conn.close()
+
+
+def spawn(world: Ledger, command: list[str], log: Path | None = None) -> subprocess.Popen[bytes]:
+    """A centime command on the world's settings, running; its stderr to `log`."""
+    with open(log or os.devnull, "wb") as stderr:
+        return subprocess.Popen(
+            command, cwd=ROOT, env=settings_env(world.settings), stdout=subprocess.DEVNULL, stderr=stderr
+        )
+
+
+def start_worker(world: Ledger, log: Path) -> subprocess.Popen[bytes]:
+    return spawn(world, [sys.executable, "-m", "centime", "worker"], log)
+
+
+@contextlib.asynccontextmanager
+async def cache_of(world: Ledger) -> AsyncIterator[tuple[redis.Redis, Cache]]:
+    assert world.settings.redis_url is not None
+    client = redis.Redis.from_url(world.settings.redis_url)
+    try:
+        yield (
+            client,
+            Cache(client, prefix=world.settings.redis_prefix, partition_count=world.settings.partition_count),
+        )
+    finally:
+        await client.aclose()
+
+
+async def test_redis_drift_is_a_balance_drift_finding_of_the_run_and_is_repaired(world: World) -> None:
+    topup = await paid_topup(world, 10_000_000)
+    wallet_key = topup["wallet_id"]
+    async with cache_of(world) as (client, cache):
+        key = cache.wallet_key(uuid.UUID(wallet_key))
+        await client.hincrby(key, "b", 1_234)  # Redis says more than the ledger
+        # A shorter commit timeout: the drift check waits out one before it believes a drift.
+        code, report = reconcile(world, CENTIME_COMMIT_TIMEOUT_MS="500")
+        assert code == 0, report
+        (item,) = report["items"]
+        assert (item["category"], item["wallet_id"], item["currency"]) == ("balance_drift", wallet_key, "usd")
+        assert (item["ledger_amount_micros"], item["healed"]) == (-1_234, True)
+        assert (report["run"]["counts"]["balance_drift"], report["run"]["healed"]) == (1, 1)
+        assert int(await client.hget(key, "b")) == 10_000_000
+
+
+async def test_a_run_a_killed_process_left_running_is_marked_failed_by_the_next(ledger: Ledger) -> None:
+    os.kill(ledger.fake.process.pid, signal.SIGSTOP)  # the run waits on Stripe's listing
+    try:
+        killed = spawn(ledger, reconcile_command(ledger))
+        try:
+
+            async def running() -> bool:
+                return [r["status"] for r in await runs_of(ledger)] == ["running"]
+
+            await wait_for(running, "the run to start")
+        finally:
+            killed.kill()
+            killed.wait(timeout=10)
+    finally:
+        os.kill(ledger.fake.process.pid, signal.SIGCONT)
+
+    async def unlocked() -> bool:  # the lock dies with the killed run's connection
+        conn = await asyncpg.connect(ledger.settings.database_url)
+        try:
+            return (
+                await conn.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                )
+                == 0
+            )
+        finally:
+            await conn.close()
+
+    await wait_for(unlocked, "the killed run's lock to go")
+    code, report = reconcile(ledger)
+    assert code == 0, report
+    (interrupted, clean) = await runs_of(ledger)
+    assert (interrupted["status"], interrupted["error"]) == (
+        "failed",
+        "interrupted: the process ended before the run did",
+    )
+    assert (clean["id"], clean["status"]) == (uuid.UUID(report["run"]["id"]), "clean")
+
+
+def stop_worker(worker: subprocess.Popen[bytes]) -> None:
+    worker.terminate()
+    worker.wait(timeout=15)
+
+
+async def test_the_worker_catches_up_on_yesterday_at_start(ledger: Ledger, tmp_path: Path) -> None:
+    yesterday = default_window(datetime.now(UTC))
+    worker = start_worker(ledger, tmp_path / "worker.log")
+    try:
+
+        async def reconciled() -> bool:
+            return [r["status"] for r in await runs_of(ledger)] == ["clean"]
+
+        await wait_for(reconciled, "the worker's catch-up run")
+    finally:
+        stop_worker(worker)
+    (run,) = await runs_of(ledger)
+    assert (run["window_start"], run["window_end"]) == yesterday
+
+
+async def test_a_failed_night_is_retried_and_a_reconciled_one_is_not_run_again(ledger: Ledger) -> None:
+    assert ledger.settings.database_url is not None
+    pool = await asyncpg.create_pool(ledger.settings.database_url, min_size=1, max_size=4)
+    stop = asyncio.Event()
+    try:
+        async with cache_of(ledger) as (_, cache), reconciler(ledger.settings, pool, cache) as nightly:
+            with ledger.fake.outage("error", status=401):  # a revoked key, say: every call refused
+                schedule = asyncio.create_task(
+                    run_nightly(nightly, at=parse_at("02:00"), retry_after=timedelta(seconds=0.3), stop=stop)
+                )
+
+                async def failed() -> bool:
+                    return any(r["status"] == "failed" for r in await runs_of(ledger))
+
+                await wait_for(failed, "the first run to fail")
+
+            async def clean() -> bool:
+                return any(r["status"] == "clean" for r in await runs_of(ledger))
+
+            await wait_for(clean, "the retry to reconcile the day")
+            stop.set()
+            await asyncio.wait_for(schedule, WAIT_S)
+            *failures, last = await runs_of(ledger)
+            # What a restarted worker does first: the day is done, so it is skipped.
+            again = await run_once(nightly, now=datetime.now(UTC))
+            assert again == f"skipped: run {last['id']} already reconciled {last['window_start'].date()}"
+    finally:
+        stop.set()
+        await pool.close()
+    assert failures and all(r["status"] == "failed" and "401" in r["error"] for r in failures)
+    assert last["status"] == "clean"
+    yesterday = default_window(datetime.now(UTC))
+    assert {(r["window_start"], r["window_end"]) for r in [*failures, last]} == {yesterday}
+    assert len(await runs_of(ledger)) == len(failures) + 1
+
+
+async def latest_run_items(ledger: Ledger) -> tuple[uuid.UUID, list[asyncpg.Record]]:
+    conn = await asyncpg.connect(ledger.settings.database_url)
+    try:
+        run_id = await conn.fetchval("SELECT id FROM reconciliation_runs ORDER BY id DESC LIMIT 1")
+        items = await conn.fetch(
+            "SELECT * FROM reconciliation_items WHERE run_id = $1 ORDER BY item_no", run_id
+        )
+    finally:
+        await conn.close()
+    return run_id, items
+
+
+async def test_the_table_and_csv_formats_show_the_run_and_its_items(ledger: Ledger) -> None:
+    code, output = reconcile_text(ledger, "--format", "csv")
+    assert (code, output.splitlines()) == (0, [",".join(Item.__struct_fields__)])  # clean: the header alone
+
+    charge = f"ch_{secrets.token_hex(12)}"  # a charge of no top-up of centime's
+    ledger.fake.add_balance_transaction(amount=2_000, currency="usd", type="charge", source=charge)
+    code, table = reconcile_text(ledger, "--dry-run", "--format", "table")
+    assert code == 1
+    run_id, (item,) = await latest_run_items(ledger)
+    lines = table.splitlines()
+    assert lines[0].startswith(f"run {run_id}  ") and lines[0].endswith("  (dry run)")
+    assert lines[1].startswith("status unmatched: 1 Stripe transactions, ")
+    assert lines[2].split() == ["missing_in_ledger", "1", "(20000000", "usd", "micros)"]
+    assert lines[3].split() == ["#", "category", "object", "stripe", "ledger", "healed", "detail"]
+    assert lines[4].split(maxsplit=5) == ["1", "missing_in_ledger", charge, "20000000", "no", item["detail"]]
+    assert len(lines) == 5
+
+    code, output = reconcile_text(ledger, "--dry-run", "--format", "csv")
+    assert code == 1
+    _, (item,) = await latest_run_items(ledger)
+    assert list(csv.DictReader(io.StringIO(output))) == [
+        {field: "" if item[field] is None else str(item[field]) for field in Item.__struct_fields__}
+    ]

@@ -1,12 +1,16 @@
 """Top-ups end to end over real HTTP, with localstripe as Stripe: a paid
 top-up is credited once (gross, with Stripe's fee as its own lines),
-whatever Stripe retries or reorders; refunds and disputes take it back."""
+whatever Stripe retries or reorders; refunds and disputes take it back;
+a canceled payment credits nothing, a payment centime did not create is
+ignored, and while Stripe is unreachable the answer is 503 and the retry
+finishes the job."""
 
 from __future__ import annotations
 
 import asyncio
 import secrets
 import time
+import uuid
 from typing import Any
 
 import asyncpg
@@ -127,6 +131,16 @@ async def succeeded_event(fake_stripe: FakeStripe, payment_intent_id: str) -> by
     return make_event("payment_intent.succeeded", intent)
 
 
+async def paid_quietly(
+    http: httpx.AsyncClient, keys: Keys, fake: FakeStripe, amount_micros: int
+) -> tuple[str, dict, bytes]:
+    """A top-up paid at the fake and its success event, which the test delivers (or not)."""
+    wallet_id = await new_wallet(http, keys)
+    topup = await start_topup(http, keys, wallet_id, amount_micros)
+    await pay(stripe_client(fake.base_url), topup["payment_intent_id"])
+    return wallet_id, topup, await succeeded_event(fake, topup["payment_intent_id"])
+
+
 async def test_replays_and_reordered_events_change_nothing(
     http: httpx.AsyncClient, keys: Keys, fake_stripe: FakeStripe
 ) -> None:
@@ -154,10 +168,7 @@ async def test_replays_and_reordered_events_change_nothing(
 async def test_a_bad_signature_is_refused_and_changes_nothing(
     http: httpx.AsyncClient, keys: Keys, fake_stripe: FakeStripe
 ) -> None:
-    wallet_id = await new_wallet(http, keys)
-    topup = await start_topup(http, keys, wallet_id, 2_000_000)
-    await pay(stripe_client(fake_stripe.base_url), topup["payment_intent_id"])
-    event = await succeeded_event(fake_stripe, topup["payment_intent_id"])
+    wallet_id, topup, event = await paid_quietly(http, keys, fake_stripe, 2_000_000)
     for headers in (
         {"Stripe-Signature": sign(event, "whsec_wrong")},
         {"Stripe-Signature": sign(event, STRIPE_WEBHOOK_SECRET, timestamp=int(time.time()) - 3600)},
@@ -454,13 +465,14 @@ async def test_signed_but_malformed_events_are_400_and_unknown_ones_ignored(http
     answer = await post_event(http, unknown)
     assert answer.status_code == 200 and answer.json()["outcome"].startswith("ignored")
     assert (await post_event(http, unknown)).json()["outcome"] == "duplicate"
-    foreign = make_event(
-        "payment_intent.succeeded", {"id": "pi_foreign", "object": "payment_intent", "metadata": {}}
+    # Signed, yet naming a PaymentIntent Stripe does not know (a webhook secret shared with
+    # another account): Stripe refuses the read-back, the event is retried, nothing moves.
+    # One that Stripe knows and centime did not create is stored as ignored (below).
+    unknown_to_stripe = make_event(
+        "payment_intent.succeeded", {"id": "pi_unknown", "object": "payment_intent", "metadata": {}}
     )
-    answer = await post_event(http, foreign)
-    assert answer.status_code == 502, (
-        answer.text
-    )  # Stripe knows no such PaymentIntent: it retries, nothing moves
+    answer = await post_event(http, unknown_to_stripe)
+    assert answer.status_code == 502, answer.text
     assert answer.json()["code"] == "stripe_refused"
     too_big = b"{" + b" " * (2 * 1024 * 1024) + b"}"
     answer = await post_event(http, too_big)
@@ -503,3 +515,162 @@ async def test_a_hundred_refunds_in_one_event_claw_back_every_one(
     assert (await post_event(http, event)).json()["outcome"] == "duplicate"
     state = await topup_of(http, keys, topup["id"])
     assert (state["status"], state["refunded_micros"]) == ("partially_refunded", 12_000_000)
+
+
+# Events the test delivers alone (the silent fake sends none), and Stripe outages --------
+
+
+@pytest.fixture
+async def silent(silent_stripe_server: Server) -> Any:
+    async with httpx.AsyncClient(base_url=silent_stripe_server.base_url, timeout=30) as client:
+        yield client
+
+
+async def intent_of(fake: FakeStripe, payment_intent_id: str) -> dict:
+    client = stripe_client(fake.base_url)
+    return (await client.v1.payment_intents.retrieve_async(payment_intent_id)).to_dict()
+
+
+async def test_a_canceled_payment_cancels_the_topup_and_credits_nothing(
+    silent: httpx.AsyncClient, keys: Keys, silent_fake_stripe: FakeStripe
+) -> None:
+    wallet_id = await new_wallet(silent, keys)
+    topup = await start_topup(silent, keys, wallet_id, 4_000_000)
+    client = stripe_client(silent_fake_stripe.base_url)
+    canceled = (await client.v1.payment_intents.cancel_async(topup["payment_intent_id"])).to_dict()
+    assert canceled["status"] == "canceled"
+    event = make_event("payment_intent.canceled", canceled)
+    answer = await post_event(silent, event)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["outcome"] == "processed: no change"
+    state = await topup_of(silent, keys, topup["id"])
+    assert (state["status"], state["credited_micros"]) == ("canceled", 0)
+    assert (await post_event(silent, event)).json()["outcome"] == "duplicate"
+    assert await balance_of(silent, keys, wallet_id) == 0
+
+
+async def test_a_refund_update_claws_the_refund_back_once(
+    silent: httpx.AsyncClient, keys: Keys, silent_fake_stripe: FakeStripe
+) -> None:
+    """`charge.refund.updated` (its object is the refund) is the only event of this refund."""
+    wallet_id, topup, event = await paid_quietly(silent, keys, silent_fake_stripe, 6_000_000)
+    credited = await post_event(silent, event)
+    assert credited.json()["outcome"] == "processed: credited 6000000 micros", credited.text
+    refunded = await refund(silent_fake_stripe, topup["payment_intent_id"], 250)
+    assert refunded["object"] == "refund" and refunded["status"] == "succeeded"
+
+    answer = await post_event(silent, make_event("charge.refund.updated", refunded))
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["outcome"] == "processed: clawed back 2500000 micros (1 refund)"
+    again = await post_event(silent, make_event("charge.refund.updated", refunded))
+    assert again.json()["outcome"] == "processed: no change"
+    assert await balance_of(silent, keys, wallet_id) == 3_500_000
+    state = await topup_of(silent, keys, topup["id"])
+    assert (state["status"], state["refunded_micros"]) == ("partially_refunded", 2_500_000)
+
+
+async def test_events_of_payment_intents_centime_did_not_create_are_stored_as_ignored(
+    silent: httpx.AsyncClient, keys: Keys, silent_fake_stripe: FakeStripe, settings: Settings
+) -> None:
+    """Another integration on the same Stripe account: Stripe knows the payment, its
+    metadata names no top-up of centime's (none, or one of another wallet). The event is
+    answered 200 and stored, so Stripe stops sending it, and no money moves."""
+    wallet_id = await new_wallet(silent, keys)
+    ours = await start_topup(silent, keys, wallet_id, 1_000_000)
+    client = stripe_client(silent_fake_stripe.base_url)
+    foreign = [
+        await client.v1.payment_intents.create_async(params={"amount": 1_000, "currency": "usd"}),
+        await client.v1.payment_intents.create_async(
+            params={
+                "amount": 100,
+                "currency": "usd",
+                "metadata": {"topup_id": ours["id"], "wallet_id": str(uuid.uuid4())},
+            }
+        ),
+    ]
+    for intent in foreign:
+        await pay(client, intent.id)
+        event = make_event("payment_intent.succeeded", await intent_of(silent_fake_stripe, intent.id))
+        answer = await post_event(silent, event)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["outcome"] == f"ignored: {intent.id} is not a centime top-up"
+        assert (await post_event(silent, event)).json()["outcome"] == "duplicate"
+        assert await event_stored(settings.database_url, "payment_intent.succeeded", intent.id)
+    state = await topup_of(silent, keys, ours["id"])
+    assert (state["status"], state["payment_intent_id"]) == ("pending", ours["payment_intent_id"])
+    assert await balance_of(silent, keys, wallet_id) == 0
+
+
+async def intents_of_topup(fake: FakeStripe, topup_id: str) -> list[str]:
+    """The PaymentIntents the fake holds for a top-up (by the metadata centime sets)."""
+    client = stripe_client(fake.base_url)
+    found: list[str] = []
+    params: dict[str, Any] = {"limit": 100}
+    for _page in range(100):
+        page = (await client.v1.payment_intents.list_async(params=params)).to_dict()  # type: ignore[arg-type]
+        found += [i["id"] for i in page["data"] if i["metadata"].get("topup_id") == topup_id]
+        if not page["has_more"]:
+            return found
+        params["starting_after"] = page["data"][-1]["id"]
+    raise AssertionError("more PaymentIntents than the fake should hold")
+
+
+async def test_a_topup_stripe_did_not_answer_is_finished_by_a_retry_with_its_key(
+    silent: httpx.AsyncClient, keys: Keys, silent_fake_stripe: FakeStripe
+) -> None:
+    """503 while Stripe is unreachable; the same key then finishes the same top-up, with
+    one PaymentIntent even when Stripe made it and only its answer was lost."""
+    wallet_id = await new_wallet(silent, keys)
+    url = f"/v1/wallets/{wallet_id}/topups"
+    for key, outage in (("unreachable", "drop"), ("answer-lost", "lose_answer")):
+        with silent_fake_stripe.outage(outage):
+            down = await silent.post(url, json={"amount_micros": 2_000_000}, headers=auth(keys.debit, key))
+        assert down.status_code == 503, down.text
+        assert down.json()["code"] == "stripe_unavailable"
+        pending = (await silent.get(url, headers=auth(keys.read))).json()["data"][0]
+        assert (pending["status"], pending["payment_intent_id"]) == ("pending", None)
+
+        retried = await silent.post(url, json={"amount_micros": 2_000_000}, headers=auth(keys.debit, key))
+        assert retried.status_code == 201, retried.text
+        assert retried.headers["idempotent-replayed"] == "true"
+        finished = retried.json()
+        assert finished["id"] == pending["id"] and finished["client_secret"]
+        assert await intents_of_topup(silent_fake_stripe, finished["id"]) == [finished["payment_intent_id"]]
+    assert len((await silent.get(url, headers=auth(keys.read))).json()["data"]) == 2
+
+
+async def test_a_webhook_stripe_cannot_confirm_is_answered_503_and_its_retry_credits(
+    silent: httpx.AsyncClient, keys: Keys, silent_fake_stripe: FakeStripe, settings: Settings
+) -> None:
+    wallet_id, topup, event = await paid_quietly(silent, keys, silent_fake_stripe, 3_000_000)
+    with silent_fake_stripe.outage("drop"):
+        down = await post_event(silent, event)
+    assert down.status_code == 503, down.text
+    assert down.json()["code"] == "stripe_unavailable"
+    assert (await topup_of(silent, keys, topup["id"]))["status"] == "pending"
+    assert not await event_stored(
+        settings.database_url, "payment_intent.succeeded", topup["payment_intent_id"]
+    )
+
+    retried = await post_event(silent, event)  # Stripe sends it again
+    assert retried.status_code == 200, retried.text
+    assert retried.json()["outcome"] == "processed: credited 3000000 micros"
+    assert await balance_of(silent, keys, wallet_id) == 3_000_000
+
+
+async def test_the_topup_list_pages_past_one_page(silent: httpx.AsyncClient, keys: Keys) -> None:
+    wallet_id = await new_wallet(silent, keys)
+    created = [(await start_topup(silent, keys, wallet_id, 1_000_000 + n * 10_000))["id"] for n in range(5)]
+    url = f"/v1/wallets/{wallet_id}/topups"
+    pages: list[tuple[list[str], bool]] = []
+    cursor = ""
+    for _page in range(len(created)):
+        body = (await silent.get(f"{url}?limit=2{cursor}", headers=auth(keys.read))).json()
+        pages.append(([t["id"] for t in body["data"]], body["has_more"]))
+        if not body["has_more"]:
+            break
+        cursor = f"&starting_after={body['data'][-1]['id']}"
+    newest_first = created[::-1]
+    assert pages == [(newest_first[0:2], True), (newest_first[2:4], True), (newest_first[4:], False)]
+    whole = (await silent.get(f"{url}?limit=5", headers=auth(keys.read))).json()
+    assert ([t["id"] for t in whole["data"]], whole["has_more"]) == (newest_first, False)

@@ -23,7 +23,17 @@ import httpx
 import msgspec
 import pytest
 import redis.asyncio as redis
-from conftest import CONNECT_TIMEOUT_S, RUN_ID, Keys, auth, delete_prefix, free_port, make_keys
+from conftest import (
+    CONNECT_TIMEOUT_S,
+    RUN_ID,
+    Keys,
+    auth,
+    delete_prefix,
+    free_port,
+    make_keys,
+    with_stripe,
+)
+from stripe_support import FakeStripe
 
 from centime.migrate import migrate_database
 from centime.settings import Settings
@@ -153,41 +163,79 @@ async def stores_of_own(settings: Settings, database_url: str) -> AsyncIterator[
         await delete_prefix(own.redis_url, own.redis_prefix)
 
 
+def on_own_redis(settings: Settings, database_url: str, redis: RedisServer, fake: FakeStripe) -> Settings:
+    """Settings on this database and private Redis, under a prefix of their own, with
+    top-ups on `fake`."""
+    own = msgspec.structs.replace(
+        settings, database_url=database_url, redis_url=redis.url, redis_prefix=unique_prefix()
+    )
+    return with_stripe(own, fake)
+
+
 def unique_prefix() -> str:
     """A Redis key prefix of the test's own: outboxes are per prefix, so a
     sweeper of another database must never see this test's orphans."""
     return f"f{RUN_ID}{secrets.token_hex(3)}"
 
 
-class RedisServer(msgspec.Struct, frozen=True):
+REDIS_START_TIMEOUT_S = 10.0
+
+
+class RedisServer(msgspec.Struct):
     url: str
     process: subprocess.Popen[bytes]
+    port: int
+    data_dir: Path
+
+    def stop(self) -> None:
+        """Redis goes down, saving its data first, as one with persistence does."""
+        subprocess.run(
+            ["redis-cli", "-p", str(self.port), "shutdown", "save"], capture_output=True, timeout=10
+        )
+        self.process.wait(timeout=10)
+
+    def start(self) -> None:
+        """Redis is back on its port, with the data it saved when it went down."""
+        self.process = _start_redis(self.port, self.data_dir)
+
+
+def _start_redis(port: int, data_dir: Path) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(data_dir), "--daemonize", "no"],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + REDIS_START_TIMEOUT_S
+    ping = ["redis-cli", "-p", str(port), "ping"]
+    try:
+        while subprocess.run(ping, capture_output=True, text=True).stdout.strip() != "PONG":
+            assert process.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+    except BaseException:
+        process.kill()
+        process.wait(timeout=10)
+        raise
+    return process
 
 
 @contextlib.contextmanager
 def redis_server() -> Iterator[RedisServer]:
-    """A redis-server of the test's own on a free loopback port, to flush or
-    stall without touching the shared one."""
+    """A redis-server of the test's own on a free loopback port, to flush,
+    stall or stop without touching the shared one. It saves nothing unless
+    stopped (RedisServer.stop)."""
     if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
         pytest.skip("needs redis-server and redis-cli to run a private Redis")
     port = free_port()
-    process = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--daemonize", "no"],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
+    data_dir = Path(tempfile.mkdtemp(prefix="centime-redis-"))
+    server = RedisServer(f"redis://127.0.0.1:{port}/0", _start_redis(port, data_dir), port, data_dir)
     try:
-        deadline = time.monotonic() + 10
-        ping = ["redis-cli", "-p", str(port), "ping"]
-        while subprocess.run(ping, capture_output=True, text=True).stdout.strip() != "PONG":
-            assert process.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-        yield RedisServer(f"redis://127.0.0.1:{port}/0", process)
+        yield server
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, signal.SIGCONT)  # if a test left it stopped
-        process.terminate()
-        process.wait(timeout=10)
+            os.kill(server.process.pid, signal.SIGCONT)  # if a test left it stopped
+        server.process.terminate()
+        server.process.wait(timeout=10)
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 class Answer(msgspec.Struct, kw_only=True):

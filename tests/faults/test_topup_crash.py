@@ -15,7 +15,6 @@ import uuid
 
 import asyncpg
 import httpx
-import msgspec
 import pytest
 from conftest import (
     ROOT,
@@ -27,9 +26,8 @@ from conftest import (
     settings_env,
     start_server,
     stop_server,
-    with_stripe,
 )
-from fault_support import FAULT_ENV, redis_balances, redis_server, unique_prefix
+from fault_support import FAULT_ENV, on_own_redis, redis_balances, redis_server
 from stripe_support import FakeStripe, make_event, pay, sign, stripe_client
 
 from centime.settings import Settings
@@ -63,12 +61,7 @@ async def test_a_crash_between_commit_and_redis_loses_and_doubles_nothing(
     settings: Settings, private_database: str, fake_stripe: FakeStripe
 ) -> None:
     with redis_server() as own_redis:
-        own = with_stripe(
-            msgspec.structs.replace(
-                settings, database_url=private_database, redis_url=own_redis.url, redis_prefix=unique_prefix()
-            ),
-            fake_stripe,
-        )
+        own = on_own_redis(settings, private_database, own_redis, fake_stripe)
         keys = await make_keys(private_database)
         server = start_server(own, **CRASH_ENV, CENTIME_RUN_SWEEPER="false")
         try:

@@ -9,7 +9,8 @@ CENTIME_AB_DATABASE_URL (default 127.0.0.1:5432) and a Redis prefix of its
 own on CENTIME_AB_REDIS_URL. Each gets WALLETS funded wallets of owners
 ab-0..ab-99, an unscoped debit key and, where the tree knows `--owner`, a key
 scoped to all 100 owners (the owner check's worst case). Runs alternate:
-old, new, new with the scoped key, then again, PAIRS times; one JSON line per
+old, new, new with the scoped key (and new with --new-env settings), then
+again, PAIRS times; one JSON line per
 run, and the means at the end. The machine should be otherwise idle."""
 
 from __future__ import annotations
@@ -71,12 +72,12 @@ class Tree:
         lines = done.stdout.strip().splitlines()
         return lines[-1].strip() if lines else ""
 
-    def serve(self) -> tuple[subprocess.Popen[bytes], str]:
+    def serve(self, env_extra: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
         port = _free_port()
         process = subprocess.Popen(
             [self.python, "-m", "centime", "serve", "--port", str(port)],
             cwd=self.root,
-            env=self.env,
+            env={**self.env, **env_extra},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -110,7 +111,7 @@ def seed(tree: Tree, database_server: str) -> None:
     owners = [arg for i in range(OWNERS) for arg in ("--owner", f"ab-{i}")]
     with contextlib.suppress(SystemExit):  # a tree before owner-scoped keys has no --owner
         tree.keys["owned"] = tree.cli("api-key", "create", "--name", "ab-owned", "--scope", "debit", *owners)
-    process, url = tree.serve()
+    process, url = tree.serve({})
     try:
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {admin}"}, timeout=30) as http:
             ids = []
@@ -130,8 +131,10 @@ def seed(tree: Tree, database_server: str) -> None:
         _stop(process)
 
 
-def run_wrk(tree: Tree, key_name: str, seconds: int, run: str) -> dict[str, object]:
-    process, url = tree.serve()
+def run_wrk(
+    tree: Tree, key_name: str, seconds: int, run: str, env_extra: dict[str, str]
+) -> dict[str, object]:
+    process, url = tree.serve(env_extra)
     try:
         env = {
             **os.environ,
@@ -142,6 +145,7 @@ def run_wrk(tree: Tree, key_name: str, seconds: int, run: str) -> dict[str, obje
         }
         warm = ["wrk", "-t1", f"-c{CONNECTIONS}", "-d2s", "-s", str(WRK_SCRIPT), url]
         subprocess.run(warm, env={**env, "BENCH_RUN": run + "w"}, capture_output=True, check=True)
+        cpu_before_s = _cpu_s(process.pid)
         done = subprocess.run(
             ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s", "-s", str(WRK_SCRIPT), url],
             env=env,
@@ -149,10 +153,22 @@ def run_wrk(tree: Tree, key_name: str, seconds: int, run: str) -> dict[str, obje
             text=True,
             check=True,
         )
+        cpu_s = _cpu_s(process.pid) - cpu_before_s
     finally:
         _stop(process)
     line = next(x for x in reversed(done.stdout.splitlines()) if x.startswith("{"))
-    return json.loads(line)
+    result = json.loads(line)
+    result["server_cpu_us_per_request"] = round(cpu_s * 1e6 / max(result["requests"], 1), 1)
+    return result
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user and system) of a process and its children's threads:
+    less noisy than the rate on a shared machine, since it counts only what
+    the server itself spent."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
 
 
 def main() -> None:
@@ -161,6 +177,13 @@ def main() -> None:
     parser.add_argument("--new", type=Path, required=True)
     parser.add_argument("--pairs", type=int, default=4, choices=range(1, PAIRS_MAX + 1))
     parser.add_argument("--seconds", type=int, default=15, choices=range(2, SECONDS_MAX + 1))
+    parser.add_argument(
+        "--new-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a fourth arm: new with this setting",
+    )
     args = parser.parse_args()
     database_server = os.environ.get("CENTIME_AB_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432")
     redis_url = os.environ.get("CENTIME_AB_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -172,7 +195,8 @@ def main() -> None:
             print(
                 f"seeded {tree.name}: {tree.database}, keys {sorted(tree.keys)}", file=sys.stderr, flush=True
             )
-        compare(old, new, pairs=args.pairs, seconds=args.seconds)
+        new_env = dict(item.split("=", 1) for item in args.new_env)
+        compare(old, new, pairs=args.pairs, seconds=args.seconds, new_env=new_env)
     finally:
         for tree in (old, new):
             subprocess.run(
@@ -181,14 +205,26 @@ def main() -> None:
             tree.wallets_file.unlink(missing_ok=True)
 
 
-def compare(old: Tree, new: Tree, *, pairs: int, seconds: int) -> None:
-    arms = [(old, "all"), (new, "all")] + ([(new, "owned")] if "owned" in new.keys else [])
-    rates: dict[str, list[float]] = {f"{t.name}/{k}": [] for t, k in arms}
+def _arm(tree: Tree, key_name: str, env_extra: dict[str, str]) -> str:
+    return "/".join([tree.name, key_name, *(f"{k}={v}" for k, v in env_extra.items())])
+
+
+def compare(old: Tree, new: Tree, *, pairs: int, seconds: int, new_env: dict[str, str]) -> None:
+    arms = [(old, "all", {}), (new, "all", {})]
+    if "owned" in new.keys:
+        arms.append((new, "owned", {}))
+    if new_env:
+        arms.append((new, "all", new_env))
+    rates: dict[str, list[float]] = {_arm(t, k, e): [] for t, k, e in arms}
+    cpu: dict[str, list[float]] = {arm: [] for arm in rates}
     for pair in range(pairs):
-        for tree, key_name in arms:
-            result = run_wrk(tree, key_name, seconds, f"ab{pair}{tree.name}{key_name}{secrets.token_hex(2)}")
-            arm = f"{tree.name}/{key_name}"
+        # Forward, then backward (ABBA): no arm always runs first after a server's start.
+        for tree, key_name, env_extra in arms if pair % 2 == 0 else arms[::-1]:
+            run = f"ab{pair}{tree.name}{key_name}{secrets.token_hex(2)}"
+            result = run_wrk(tree, key_name, seconds, run, env_extra)
+            arm = _arm(tree, key_name, env_extra)
             rates[arm].append(float(result["rps"]))  # type: ignore[arg-type]
+            cpu[arm].append(float(result["server_cpu_us_per_request"]))  # type: ignore[arg-type]
             print(json.dumps({"pair": pair, "arm": arm, **result}), flush=True)
     summary = {
         arm: {"mean": round(statistics.mean(r)), "runs": [round(x) for x in r]} for arm, r in rates.items()
@@ -196,6 +232,7 @@ def compare(old: Tree, new: Tree, *, pairs: int, seconds: int) -> None:
     base = statistics.mean(rates["old/all"])
     for arm, values in rates.items():
         summary[arm]["vs_old"] = round(statistics.mean(values) / base, 3)
+        summary[arm]["server_cpu_us_per_request"] = [round(x) for x in cpu[arm]]
     print(json.dumps(summary, indent=1))
 
 

@@ -1,12 +1,17 @@
 """The debit endpoint without the framework: the hot path of centime.
 
 `POST /v1/wallets/{id}/debits` is answered here, in front of Litestar, by
-plain ASGI: the same checks in the same order, the same service call, the
-same bodies, statuses, headers and problem+json errors as the Litestar
-handler in wallet/api.py, which still documents it in OpenAPI and serves it
-when CENTIME_FAST_DEBITS=false. tests/e2e/test_fast_debits.py sends the same
-requests to both and compares the answers byte for byte. Both sit inside
-centime.access, which gives each request its id, count and access line.
+plain ASGI plumbing only: the headers, the query check, the API key, the
+body's size, and the answer. What the request says is read by
+wallet.api.read_debit (the Idempotency-Key header, the body), the one reader
+the Litestar handler in wallet/api.py calls too; that handler documents the
+route in OpenAPI and serves it when CENTIME_FAST_DEBITS=false. Both make the
+same checks in the same order and give the same bodies, statuses, headers
+and problem+json errors; tests/e2e/test_fast_debits.py sends what each
+route does on its own (auth, body size, chunked bodies, query, routing,
+owner keys, answers) to both and compares the answers byte for byte. Both
+sit inside centime.access, which gives each request its id, count and
+access line.
 
 Why: on a debit, Litestar's routing, guard, signature model and response
 machinery cost more CPU than charging Redis and writing the ledger together
@@ -21,16 +26,15 @@ from litestar import Litestar
 from litestar.types import Receive, Scope, Send
 
 from centime.auth import authorize
-from centime.errors import CentimeError, InvalidRequest
-from centime.wire import REQUEST_BODY_BYTES_MAX, check_query, decode_body, problem_answer
-from wallet.schemas import IDEMPOTENCY_KEY_CHARS_MAX, CreateDebit
+from centime.errors import CentimeError
+from centime.wire import REQUEST_BODY_BYTES_MAX, check_query, problem_answer
+from wallet.api import read_debit
 from wallet.service import parse_wallet_id
 
 PREFIX = "/v1/wallets/"
 SUFFIX = "/debits"
 ROUTE = "/v1/wallets/{wallet_id}/debits"
 """The route's template, as Litestar's OpenAPI and centime.access name it."""
-IDEMPOTENCY_HEADER = "Idempotency-Key"
 _JSON = [(b"content-type", b"application/json")]
 _PROBLEM_JSON = [(b"content-type", b"application/problem+json"), (b"x-content-type-options", b"nosniff")]
 _REPLAYED = (b"idempotent-replayed", b"true")
@@ -98,26 +102,15 @@ def fast_debits(app: Litestar) -> Any:
             if scope.get("query_string"):  # as the Litestar app's middleware does, before its guard
                 check_query(scope["query_string"])
             key = await authorize(authorization or "", "debit", state.key_store)
-            # The order of Litestar's checks: the body's size, then the header, then the body.
-            body = await read_body(receive, announced)
-            if idempotency_key is None:
-                raise InvalidRequest(
-                    f"Missing required header parameter {IDEMPOTENCY_HEADER!r} for path {scope['path']}",
-                    fields=[IDEMPOTENCY_HEADER],
-                )
-            if not 1 <= len(idempotency_key) <= IDEMPOTENCY_KEY_CHARS_MAX:
-                bound = ">= 1" if not idempotency_key else f"<= {IDEMPOTENCY_KEY_CHARS_MAX}"
-                raise InvalidRequest(
-                    f"{IDEMPOTENCY_HEADER}: Expected `str` of length {bound}", fields=[IDEMPOTENCY_HEADER]
-                )
-            data = decode_body(body, CreateDebit)
+            # Litestar's order: the body's size, then what the handler reads.
+            debit = read_debit(idempotency_key, await read_body(receive, announced), path=scope["path"])
             entry, replayed = await state.wallets.post_entry(
                 parse_wallet_id(wallet_raw),
                 kind="debit",
-                amount_micros=data.amount_micros,
-                idempotency_key=idempotency_key,
-                description=data.description,
-                metadata=data.metadata,
+                amount_micros=debit.body.amount_micros,
+                idempotency_key=debit.idempotency_key,
+                description=debit.body.description,
+                metadata=debit.body.metadata,
                 owner_ids=key.owner_ids,
             )
         except Exception as exc:

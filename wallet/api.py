@@ -8,6 +8,7 @@ from typing import Annotated
 import msgspec
 from litestar import Controller, Response, get, post
 from litestar.params import Parameter
+from litestar.types import Scope
 
 from centime.errors import InvalidRequest
 from centime.wire import (
@@ -46,26 +47,45 @@ from wallet.schemas import (
 )
 from wallet.service import Wallets, parse_hold_id, parse_wallet_id
 
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+KEY_DESCRIPTION = "Unique per wallet and request; a retry with the same key and body replays the result."
+ENTRY_KEY_DESCRIPTION = f"{KEY_DESCRIPTION} Keys beginning with 'hold:' are reserved for hold captures."
 IdempotencyKey = Annotated[
     str,
     Parameter(
-        header="Idempotency-Key",
+        header=IDEMPOTENCY_HEADER,
         min_length=1,
         max_length=IDEMPOTENCY_KEY_CHARS_MAX,
-        description="Unique per wallet and request; a retry with the same key and body replays the result.",
+        description=KEY_DESCRIPTION,
     ),
 ]
 EntryIdempotencyKey = Annotated[
     str,
     Parameter(
-        header="Idempotency-Key",
+        header=IDEMPOTENCY_HEADER,
         min_length=1,
         max_length=IDEMPOTENCY_KEY_CHARS_MAX,
-        description="Unique per wallet and request; a retry with the same key and body replays the result. "
-        "Keys beginning with 'hold:' are reserved for hold captures.",
+        description=ENTRY_KEY_DESCRIPTION,
         schema_extra={"pattern": CLIENT_KEY_PATTERN},
     ),
 ]
+DebitIdempotencyKey = Annotated[
+    str | None,
+    Parameter(
+        header=IDEMPOTENCY_HEADER,
+        required=True,
+        description=ENTRY_KEY_DESCRIPTION,
+        schema_extra={
+            "type": "string",
+            "one_of": None,
+            "min_length": 1,
+            "max_length": IDEMPOTENCY_KEY_CHARS_MAX,
+            "pattern": CLIENT_KEY_PATTERN,
+        },
+    ),
+]
+"""A debit's key, documented as EntryIdempotencyKey is but passed on as sent
+(None if absent): read_debit checks it, for both debit routes."""
 REPLAYED = {"Idempotent-Replayed": "true"}
 # Every handler that touches wallets takes `owner_ids`, the owners its API key
 # sees (None: every owner), provided by the app (centime/app.py) from the key.
@@ -81,6 +101,32 @@ class WalletExistsProblem(Problem, kw_only=True):
     """409 wallet_exists: an owner has one wallet per currency."""
 
     wallet_id: Annotated[str, msgspec.Meta(description="The owner's existing wallet in this currency.")]
+
+
+class DebitRequest(msgspec.Struct, frozen=True):
+    """A debit request as read: its Idempotency-Key and its decoded body."""
+
+    idempotency_key: str
+    body: CreateDebit
+
+
+def read_debit(idempotency_key: str | None, body: bytes, *, path: str) -> DebitRequest:
+    """The one reader of a debit request, for the Litestar handler and the
+    plain-ASGI route (centime/fast_debits.py): the Idempotency-Key header
+    (the first one sent, None if none; `path` only words its absence), then
+    the body. 400 naming the header or the field, worded as Litestar words
+    its parameter errors on the other routes."""
+    if idempotency_key is None:
+        raise InvalidRequest(
+            f"Missing required header parameter {IDEMPOTENCY_HEADER!r} for path {path}",
+            fields=[IDEMPOTENCY_HEADER],
+        )
+    if not 1 <= len(idempotency_key) <= IDEMPOTENCY_KEY_CHARS_MAX:
+        bound = ">= 1" if not idempotency_key else f"<= {IDEMPOTENCY_KEY_CHARS_MAX}"
+        raise InvalidRequest(
+            f"{IDEMPOTENCY_HEADER}: Expected `str` of length {bound}", fields=[IDEMPOTENCY_HEADER]
+        )
+    return DebitRequest(idempotency_key, decode_body(body, CreateDebit))
 
 
 def _entry_response(entry: Entry, replayed: bool) -> Response[Entry]:
@@ -143,17 +189,18 @@ class WalletController(Controller):
         wallet_id: PathId,
         body: bytes,
         wallets: Wallets,
-        idempotency_key: EntryIdempotencyKey,
         owner_ids: OwnerIds,
+        scope: Scope,
+        idempotency_key: DebitIdempotencyKey = None,
     ) -> Response[Entry]:
-        data = decode_body(body, CreateDebit)
+        debit = read_debit(idempotency_key, body, path=scope["path"])
         entry, replayed = await wallets.post_entry(
             parse_wallet_id(wallet_id),
             kind="debit",
-            amount_micros=data.amount_micros,
-            idempotency_key=idempotency_key,
-            description=data.description,
-            metadata=data.metadata,
+            amount_micros=debit.body.amount_micros,
+            idempotency_key=debit.idempotency_key,
+            description=debit.body.description,
+            metadata=debit.body.metadata,
             owner_ids=owner_ids,
         )
         return _entry_response(entry, replayed)

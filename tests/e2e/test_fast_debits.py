@@ -1,7 +1,9 @@
-"""The plain-ASGI debit path (CENTIME_FAST_DEBITS=true) answers every request,
-good or bad, exactly as the Litestar handler does: same status, headers and
-problem+json body, keys that name owners included, a request id on each;
-and both count their answers in /metrics under the same route template."""
+"""The plain-ASGI debit path (CENTIME_FAST_DEBITS=true) answers what it does
+on its own (headers, API key, body size and chunks, query, routing, owners,
+answers) as the Litestar handler does: the status and code each case
+expects, and the same headers and problem+json body byte for byte, a
+request id on each; and both count their answers in /metrics under the same
+route template."""
 
 from __future__ import annotations
 
@@ -78,80 +80,101 @@ def one(**kw: Any) -> Build:
     return build
 
 
-CASES: dict[str, tuple[Build, bool]] = {  # name: (build, frozen wallet)
-    "success": (one(json=BODY), False),
-    "replay": (lambda c: [Req(json=BODY), Req(json=BODY)], False),
-    "same-key-other-body": (lambda c: [Req(json=BODY), Req(json={**BODY, "amount_micros": 1_501})], False),
-    "insufficient-funds": (one(json={"amount_micros": FUNDED_MICROS + 1}), False),
-    "frozen-wallet": (one(json=ONE), True),
-    "no-authorization": (one(json=ONE, authorization=None), False),
-    "basic-scheme": (one(json=ONE, authorization="Basic dXNlcjpwYXNz"), False),
-    "lowercase-bearer": (one(json=ONE, authorization="bearer {keys.debit}"), False),
-    "unknown-key": (one(json=ONE, authorization="Bearer ck_not_a_key"), False),
-    "read-scope-key": (one(json=ONE, authorization="Bearer {keys.read}"), False),
-    "bad-then-good-authorization": (
+@dataclass(frozen=True)
+class Case:
+    build: Build
+    expect: tuple[str, ...]  # per request: its status, and the problem's code: "201", "401 unauthorized"
+    frozen: bool = False  # the wallet frozen first
+
+
+# What each route does on its own: the headers it takes, the API key, the
+# body's size and chunks, the query check, the routing, the order of the
+# checks, the owners, the answer. What a request says (the Idempotency-Key's
+# bounds, the body) is read by one function for both (wallet.api.read_debit),
+# tested on the fast route in tests/e2e/test_bad_input.py and alone in
+# tests/unit/test_debit_reader.py.
+CASES: dict[str, Case] = {
+    "success": Case(one(json=BODY), ("201",)),
+    "replay": Case(lambda c: [Req(json=BODY), Req(json=BODY)], ("201", "201")),
+    "same-key-other-body": Case(
+        lambda c: [Req(json=BODY), Req(json={**BODY, "amount_micros": 1_501})],
+        ("201", "409 idempotency_conflict"),
+    ),
+    "insufficient-funds": Case(one(json={"amount_micros": FUNDED_MICROS + 1}), ("402 insufficient_funds",)),
+    "frozen-wallet": Case(one(json=ONE), ("409 wallet_frozen",), frozen=True),
+    "no-authorization": Case(one(json=ONE, authorization=None), ("401 unauthorized",)),
+    "basic-scheme": Case(one(json=ONE, authorization="Basic dXNlcjpwYXNz"), ("401 unauthorized",)),
+    "lowercase-bearer": Case(one(json=ONE, authorization="bearer {keys.debit}"), ("201",)),
+    "unknown-key": Case(one(json=ONE, authorization="Bearer ck_not_a_key"), ("401 unauthorized",)),
+    "read-scope-key": Case(one(json=ONE, authorization="Bearer {keys.read}"), ("403 forbidden",)),
+    "bad-then-good-authorization": Case(
         lambda c: [
             Req(json=ONE, headers=(("Authorization", "Bearer ck_bad"), *auth(c.keys.debit, c.key).items()))
         ],
-        False,
+        ("401 unauthorized",),
     ),
-    "empty-then-real-idempotency-key": (
+    "empty-then-real-idempotency-key": Case(
         lambda c: [Req(json=ONE, headers=(*auth(c.keys.debit, "").items(), ("Idempotency-Key", c.key)))],
-        False,
+        ("400 invalid_request",),
     ),
-    "two-idempotency-keys": (
+    "two-idempotency-keys": Case(
         lambda c: [Req(json=ONE, headers=(*auth(c.keys.debit, c.key).items(), ("Idempotency-Key", "k2")))],
-        False,
+        ("201",),
     ),
-    "idempotency-key-utf8-276-bytes": (
+    "idempotency-key-utf8-276-bytes": Case(
         lambda c: [Req(json=ONE, headers=(*auth(c.keys.debit).items(), ("Idempotency-Key", utf8_key(c))))],
-        False,
+        ("400 invalid_request",),
     ),
-    "no-idempotency-key": (one(json=ONE, idempotency_key=None), False),
-    "empty-idempotency-key": (one(json=ONE, idempotency_key=""), False),
-    "idempotency-key-256-chars": (one(json=ONE, idempotency_key="i" * 256), False),
-    "idempotency-key-255-chars": (one(json=ONE, idempotency_key="{key}" + "i" * (255 - 16)), False),
-    "read-key-and-no-idempotency-key": (
-        one(json=ONE, authorization="Bearer {keys.read}", idempotency_key=None),
-        False,
+    "no-idempotency-key": Case(one(json=ONE, idempotency_key=None), ("400 invalid_request",)),
+    "no-idempotency-key-and-a-query": Case(
+        one(json=ONE, idempotency_key=None, path=DEBIT + "?note=x"), ("400 invalid_request",)
     ),
-    "no-authorization-and-huge-body": (one(content=OVER_64_KIB, authorization=None), False),
-    "over-64KiB": (one(content=OVER_64_KIB), False),
-    "over-64KiB-chunked": (one(content=OVER_64_KIB, chunked=True), False),
-    "over-64KiB-and-no-idempotency-key": (one(content=OVER_64_KIB, idempotency_key=None), False),
-    "over-64KiB-and-bad-wallet-id": (one(content=OVER_64_KIB, path="/v1/wallets/nope/debits"), False),
-    "small-body-chunked": (one(content=json.dumps(ONE).encode(), chunked=True), False),
-    "empty-body": (one(content=b""), False),
-    "malformed-json": (one(content=b'{"amount_micros": 1,'), False),
-    "malformed-json-and-bad-wallet-id": (one(content=b"{", path="/v1/wallets/nope/debits"), False),
-    "unknown-field": (one(json={**ONE, "currency": "usd"}), False),
-    "amount-0": (one(json={"amount_micros": 0}), False),
-    "amount-2**53": (one(json={"amount_micros": 2**53}), False),
-    "amount-string": (one(json={"amount_micros": "5"}), False),
-    "description-nul": (one(json={**ONE, "description": "a\u0000b"}), False),
-    "metadata-21-keys": (one(json={**ONE, "metadata": {f"k{i}": "v" for i in range(21)}}), False),
-    "body-not-utf8": (one(content=b'{"amount_micros": 1, "description": "\xff"}'), False),
-    "amount-twice": (one(content=b'{"amount_micros": 1, "amount_micros": 2}'), False),
-    "metadata-key-twice": (one(content=b'{"amount_micros": 1, "metadata": {"k": "a", "k": "b"}}'), False),
-    "query-nul": (one(json=ONE, path=DEBIT + "?x=%00"), False),
-    "query-not-utf8": (one(json=ONE, path=DEBIT + "?note=%E9"), False),
-    "query-nul-and-no-authorization": (one(json=ONE, path=DEBIT + "?x=%00", authorization=None), False),
-    "query-good": (one(json=ONE, path=DEBIT + "?note=%C3%A9"), False),
-    "wallet-id-not-uuid": (one(json=ONE, path="/v1/wallets/not-a-uuid/debits"), False),
-    "unknown-wallet": (one(json=ONE, path="/v1/wallets/{missing}/debits"), False),
-    "trailing-slash": (one(json=ONE, path=DEBIT + "/"), False),
-    "owner-key-own-wallet": (one(json=BODY, authorization="Bearer {owned}"), False),
-    "owner-key-replay": (
-        lambda c: [Req(json=BODY, headers=hdrs(f"Bearer {c.owned}", c.key))] * 2,
-        False,
+    "read-key-and-no-idempotency-key": Case(
+        one(json=ONE, authorization="Bearer {keys.read}", idempotency_key=None), ("403 forbidden",)
     ),
-    "owner-key-other-owners-wallet": (one(json=ONE, authorization="Bearer {stranger}"), False),
-    "owner-key-missing-wallet": (
+    "no-authorization-and-huge-body": Case(
+        one(content=OVER_64_KIB, authorization=None), ("401 unauthorized",)
+    ),
+    "over-64KiB": Case(one(content=OVER_64_KIB), ("413 payload_too_large",)),
+    "over-64KiB-chunked": Case(one(content=OVER_64_KIB, chunked=True), ("413 payload_too_large",)),
+    "over-64KiB-and-no-idempotency-key": Case(
+        one(content=OVER_64_KIB, idempotency_key=None), ("413 payload_too_large",)
+    ),
+    "over-64KiB-and-bad-wallet-id": Case(
+        one(content=OVER_64_KIB, path="/v1/wallets/nope/debits"), ("413 payload_too_large",)
+    ),
+    "small-body-chunked": Case(one(content=json.dumps(ONE).encode(), chunked=True), ("201",)),
+    "malformed-json-and-bad-wallet-id": Case(
+        one(content=b"{", path="/v1/wallets/nope/debits"), ("400 invalid_request",)
+    ),
+    "query-nul": Case(one(json=ONE, path=DEBIT + "?x=%00"), ("400 invalid_request",)),
+    "query-not-utf8": Case(one(json=ONE, path=DEBIT + "?note=%E9"), ("400 invalid_request",)),
+    "query-nul-and-no-authorization": Case(
+        one(json=ONE, path=DEBIT + "?x=%00", authorization=None), ("400 invalid_request",)
+    ),
+    "query-good": Case(one(json=ONE, path=DEBIT + "?note=%C3%A9"), ("201",)),
+    "wallet-id-not-uuid": Case(
+        one(json=ONE, path="/v1/wallets/not-a-uuid/debits"), ("404 wallet_not_found",)
+    ),
+    "unknown-wallet": Case(one(json=ONE, path="/v1/wallets/{missing}/debits"), ("404 wallet_not_found",)),
+    "trailing-slash": Case(one(json=ONE, path=DEBIT + "/"), ("201",)),
+    "owner-key-own-wallet": Case(one(json=BODY, authorization="Bearer {owned}"), ("201",)),
+    "owner-key-replay": Case(
+        lambda c: [Req(json=BODY, headers=hdrs(f"Bearer {c.owned}", c.key))] * 2, ("201", "201")
+    ),
+    "owner-key-other-owners-wallet": Case(
+        one(json=ONE, authorization="Bearer {stranger}"), ("404 wallet_not_found",)
+    ),
+    "owner-key-missing-wallet": Case(
         one(json=ONE, authorization="Bearer {owned}", path="/v1/wallets/{missing}/debits"),
-        False,
+        ("404 wallet_not_found",),
     ),
-    "owner-key-other-owners-frozen-wallet": (one(json=ONE, authorization="Bearer {stranger}"), True),
-    "owner-key-bad-body": (one(content=b"{", authorization="Bearer {stranger}"), False),
+    "owner-key-other-owners-frozen-wallet": Case(
+        one(json=ONE, authorization="Bearer {stranger}"), ("404 wallet_not_found",), frozen=True
+    ),
+    "owner-key-bad-body": Case(
+        one(content=b"{", authorization="Bearer {stranger}"), ("400 invalid_request",)
+    ),
 }
 OWNER_CASES = {name for name in CASES if name.startswith("owner-key-")}
 
@@ -255,15 +278,21 @@ async def context(http: httpx.AsyncClient, keys: Keys, settings: Settings, *, ow
 async def test_both_paths_answer_alike(
     name: str, clients: list[httpx.AsyncClient], keys: Keys, settings: Settings
 ) -> None:
-    build, frozen = CASES[name]
+    case = CASES[name]
     answers = []
     for http in clients:
         c = await context(http, keys, settings, owners=name in OWNER_CASES)
-        if frozen:
+        if case.frozen:
             await freeze(settings, c.wallet)
-        answers.append([normalized(await send(http, c, req), c) for req in build(c)])
+        answers.append([normalized(await send(http, c, req), c) for req in case.build(c)])
     fast, framework = answers
     assert fast == framework, f"\nfast:      {fast}\nframework: {framework}"
+    assert tuple(status_and_code(answer) for answer in fast) == case.expect, fast
+
+
+def status_and_code(answer: tuple[int, list[tuple[str, str]], Any, str]) -> str:
+    status, _, body, _ = answer
+    return f"{status} {body['code']}" if status >= 400 else str(status)
 
 
 def debits_201(metrics_text: str) -> float:

@@ -23,8 +23,8 @@ MAX = 2**53 - 1
 #   {empty}   a wallet with balance 0: a request valid on the schema level
 #             answers 402 there, proving it passed validation without charging
 #   {lenient} another funded wallet, for number forms that are not JSON
-#             integers ("1", 1.0, 1e3): the service coerces and charges them
-#             today, so its balance is checked apart (see the end)
+#             integers ("1", 1.0, 1e3): a lax decoder would coerce and
+#             charge them, so its balance is checked apart (see the end)
 #   {missing} a well-formed UUID that names no wallet
 DEBIT = "/v1/wallets/{w}/debits"
 CREDIT = "/v1/wallets/{w}/credits"
@@ -507,16 +507,37 @@ def _request(client: httpx.AsyncClient, bad: Bad, keys: Keys, wallets: Wallets) 
     return client.build_request(bad.method, path, headers=headers, content=content, params=bad.params)
 
 
-_SENT_PATHS: set[str] = set()  # the path templates the table used, this run
+_SENT: set[int] = set()  # id() of each case of the table sent this run
+
+
+async def _send(client: httpx.AsyncClient, bad: Bad, keys: Keys, wallets: Wallets) -> httpx.Response:
+    _SENT.add(id(bad))
+    return await client.send(_request(client, bad, keys, wallets))
+
+
+async def _send_the_rest(
+    client: httpx.AsyncClient, keys: Keys, wallets: Wallets, placeholders: tuple[str, ...]
+) -> int:
+    """Send every case of the table aimed at a wallet of `placeholders` that
+    this run has not sent yet (all of them when a check runs alone), so the
+    check after it always judges the whole table. Returns how many cases aim there."""
+    aimed = 0
+    for param in CASES:
+        bad = param.values[0]
+        assert isinstance(bad, Bad)
+        if param.marks or not any(p in bad.path for p in placeholders):
+            continue  # a case marked as a known bug may charge: it fails on its own
+        aimed += 1
+        if id(bad) not in _SENT:
+            await _send(client, bad, keys, wallets)  # its answer is the table's to judge; its effect is ours
+    return aimed
 
 
 @pytest.mark.parametrize("bad", CASES)
 async def test_bad_input_is_a_problem(
     bad: Bad, client: httpx.AsyncClient, keys: Keys, wallets: Wallets
 ) -> None:
-    request = _request(client, bad, keys, wallets)
-    _SENT_PATHS.add(bad.path)
-    response = await client.send(request)
+    response = await _send(client, bad, keys, wallets)
     seen = f"{response.status_code} {response.headers.get('content-type')} {response.text[:500]}"
 
     assert response.status_code < 500, seen
@@ -550,8 +571,9 @@ async def _assert_untouched(
 
 
 async def test_no_bad_input_charged_anything(client: httpx.AsyncClient, keys: Keys, wallets: Wallets) -> None:
-    """Runs after the table: the wallets it aimed at hold what they held,
-    and have no entry but their funding."""
+    """After the table (sent here for what it did not send): the wallets it
+    aimed at hold what they held, and have no entry but their funding."""
+    assert await _send_the_rest(client, keys, wallets, ("{w}", "{empty}")) > 0
     await _assert_untouched(client, keys, wallets.funded, FUNDED_MICROS)
     await _assert_untouched(client, keys, wallets.empty, 0)
 
@@ -559,9 +581,8 @@ async def test_no_bad_input_charged_anything(client: httpx.AsyncClient, keys: Ke
 async def test_no_lenient_number_charged_anything(
     client: httpx.AsyncClient, keys: Keys, wallets: Wallets
 ) -> None:
-    """Runs after the table: "1", 1.0 and 1e3 amounts charged nothing."""
-    if not _SENT_PATHS & {LENIENT_DEBIT, LENIENT_CREDIT}:
-        pytest.skip("no request of the table aimed at the lenient wallet")
+    """After the table (sent here for what it did not send): "1", 1.0 and 1e3 amounts charged nothing."""
+    assert await _send_the_rest(client, keys, wallets, ("{lenient}",)) > 0
     await _assert_untouched(client, keys, wallets.lenient, FUNDED_MICROS)
 
 

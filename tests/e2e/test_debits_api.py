@@ -116,11 +116,16 @@ async def test_wallet_exists_and_owner_listing(client: httpx.AsyncClient, keys: 
 
 
 async def test_scopes(client: httpx.AsyncClient, keys: Keys) -> None:
+    """Scopes nest: admin covers debit, debit covers read, read covers no write."""
     wallet_id = await new_wallet(client, keys, funded_micros=10)
     debit = f"/v1/wallets/{wallet_id}/debits"
+    by_admin = await client.post(debit, json={"amount_micros": 1}, headers=auth(keys.admin, "s0"))
+    assert by_admin.status_code == 201, by_admin.text
+    read_by_debit = await client.get(f"/v1/wallets/{wallet_id}", headers=auth(keys.debit))
+    assert read_by_debit.status_code == 200, read_by_debit.text
+    assert read_by_debit.json()["balance_micros"] == 9
     read_only = await client.post(debit, json={"amount_micros": 1}, headers=auth(keys.read, "s1"))
-    assert read_only.status_code == 403
-    assert read_only.json()["code"] == "forbidden"
+    assert (read_only.status_code, read_only.json()["code"]) == (403, "forbidden"), read_only.text
     credit = await client.post(
         f"/v1/wallets/{wallet_id}/credits",
         json={"amount_micros": 1, "reason": "x"},

@@ -252,6 +252,7 @@ async def test_a_dispute_freezes_withholds_then_settles(
     assert response.status_code == 200, response.text
     wallet = (await http.get(f"/v1/wallets/{wallet_id}", headers=auth(keys.read))).json()
     assert (wallet["status"], wallet["balance_micros"]) == ("frozen", 6_000_000)
+    assert wallet["available_micros"] == 0  # a frozen wallet can spend nothing, whatever it holds
     assert (await topup_of(http, keys, topup["id"]))["status"] == "disputed"
     frozen = await http.post(
         f"/v1/wallets/{wallet_id}/debits", json={"amount_micros": 1}, headers=auth(keys.debit, "while-frozen")

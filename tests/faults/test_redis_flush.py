@@ -1,11 +1,14 @@
 """After Redis loses all its data, `centime rebuild-cache` restores every
 wallet's balance from the ledger and `centime check` passes, and a retried
 debit or credit (same key and body) is answered with its original entry
-instead of being charged twice."""
+instead of being charged twice. A flush while debits are in flight loses
+none either: after `rebuild-cache` every 2xx is in the ledger once, no error
+stands charged, and Redis holds the ledger's balances."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 import uuid
@@ -18,11 +21,17 @@ import pytest
 import redis.asyncio as redis
 from conftest import Keys, Server, auth, make_keys, new_wallet, run_cli, start_server, stop_server
 from fault_support import (
+    AMOUNT_MICROS,
+    FAULT_ENV,
     cache_for,
+    classify,
+    debit_load,
+    expected_balances,
     ledger_balances,
     ledger_debits,
     redis_balances,
     redis_server,
+    summary,
     unique_prefix,
     wait_settled,
 )
@@ -46,18 +55,24 @@ class World(msgspec.Struct):
     http: httpx.AsyncClient
 
 
-@pytest.fixture
-async def world(settings: Settings, private_database: str, own_redis: str) -> AsyncIterator[World]:
+@contextlib.asynccontextmanager
+async def world_on(settings: Settings, database_url: str, redis_url: str, **env: str) -> AsyncIterator[World]:
     own = msgspec.structs.replace(
-        settings, database_url=private_database, redis_url=own_redis, redis_prefix=unique_prefix()
+        settings, database_url=database_url, redis_url=redis_url, redis_prefix=unique_prefix()
     )
-    keys = await make_keys(private_database)
-    server = start_server(own)
+    keys = await make_keys(database_url)
+    server = start_server(own, **env)
     try:
         async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as http:
             yield World(own, server, keys, http)
     finally:
         stop_server(server)
+
+
+@pytest.fixture
+async def world(settings: Settings, private_database: str, own_redis: str) -> AsyncIterator[World]:
+    async with world_on(settings, private_database, own_redis) as w:
+        yield w
 
 
 class Posted(msgspec.Struct):
@@ -231,3 +246,49 @@ async def test_retry_after_redis_lost_a_debit_that_spent_the_balance(world: Worl
     assert await _balances(w, [wallet_id]) == {wallet_id: 0}
     assert (retry.status_code, retry.headers.get("idempotent-replayed")) == (201, "true"), retry.text
     assert retry.json() == spent.entry
+
+
+LOAD_BEFORE_FLUSH_S = 1.0
+LOAD_AFTER_FLUSH_S = 1.5
+FLUSH_WALLETS = 6
+FLUSH_FUNDING_MICROS = 1_000_000 * AMOUNT_MICROS
+
+
+async def test_a_flush_under_load_loses_no_debit(
+    settings: Settings, private_database: str, own_redis: str
+) -> None:
+    async with world_on(settings, private_database, own_redis, **FAULT_ENV) as w:
+        assert w.settings.database_url is not None
+        wallet_ids = [
+            await new_wallet(w.http, w.keys, funded_micros=FLUSH_FUNDING_MICROS) for _ in range(FLUSH_WALLETS)
+        ]
+        stop = asyncio.Event()
+        load = asyncio.create_task(debit_load(w.server.base_url, w.keys, wallet_ids, stop, concurrency=16))
+        assert w.settings.redis_url is not None
+        client = redis.Redis.from_url(w.settings.redis_url)
+        try:
+            await client.ping()  # connected: the flush is one round trip
+            await asyncio.sleep(LOAD_BEFORE_FLUSH_S)
+            flush_started = time.monotonic()
+            await client.flushall()
+            flushed = time.monotonic()
+        finally:
+            await client.aclose()
+        await asyncio.sleep(LOAD_AFTER_FLUSH_S)
+        stop.set()
+        answers = await asyncio.wait_for(load, 60)
+        in_flight = [a for a in answers if a.started < flush_started and a.started + a.latency_s > flushed]
+        print(f"answers {dict(summary(answers))}; {len(in_flight)} in flight at the flush")
+        assert in_flight, "no debit was in flight when Redis was flushed"
+        assert all(a.status in (201, 503) for a in answers), summary(answers)
+
+        await wait_settled(w.settings)
+        rebuilt = run_cli(w.settings, "rebuild-cache")
+        assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
+        ledger = await ledger_debits(w.settings.database_url)
+        assert classify(answers, ledger) == {}
+        in_ledger = await ledger_balances(w.settings.database_url, wallet_ids)
+        funded = dict.fromkeys(wallet_ids, FLUSH_FUNDING_MICROS)
+        assert in_ledger == expected_balances(funded, answers, ledger)
+        assert await redis_balances(w.settings, wallet_ids) == in_ledger
+        _check(w)

@@ -1,7 +1,8 @@
 """A Redis that stalls (SIGSTOP) mid-load and then resumes leaves no 503'd
 debit charged: answers stay 201/402/503 in bounded time, and after the
 sweeper every 201 is in the ledger once, no 503 stands charged, and Redis
-agrees with the ledger."""
+agrees with the ledger. A request that cannot hand its late commit to the
+sweeper through Redis reverses it in the ledger itself, during the stall."""
 
 from __future__ import annotations
 
@@ -43,6 +44,29 @@ HICCUP_BEFORE_STALL_S = 0.2
 LATENCY_BOUND_S = 10.0
 
 
+TRANSACTION_ID = "SELECT txid_current()"
+"""A transaction id of now: ids grow, so two of them bound the transactions begun between."""
+
+
+async def reversed_between(database_url: str, first_xid: int, last_xid: int) -> set[str]:
+    """Keys of the debits whose reversal was written in a transaction begun
+    between these two ids."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            """
+            SELECT e.idempotency_key
+              FROM journal_entries e JOIN journal_entries r ON r.reverses_entry_id = e.id
+             WHERE e.kind = 'debit' AND r.xmin::text::bigint > $1 AND r.xmin::text::bigint < $2
+            """,
+            first_xid % 2**32,
+            last_xid % 2**32,
+        )
+    finally:
+        await conn.close()
+    return {row["idempotency_key"] for row in rows}
+
+
 @pytest.fixture
 def own_redis() -> Iterator[RedisServer]:
     with redis_server() as server:
@@ -79,19 +103,23 @@ async def test_redis_stall_mid_load(own: tuple[Settings, Keys, Server], own_redi
     # stall would) puts every in-flight debit between charge and commit
     # when Redis stops; without it that depends on luck.
     hiccup = await asyncpg.connect(settings.database_url)
+    clock = await asyncpg.connect(settings.database_url)
     try:
         async with hiccup.transaction():
             await hiccup.execute("LOCK TABLE journal_entries IN EXCLUSIVE MODE")
             await asyncio.sleep(HICCUP_BEFORE_STALL_S)
             os.kill(own_redis.process.pid, signal.SIGSTOP)
             stalled_at = time.monotonic()
+            stall_xid = await clock.fetchval(TRANSACTION_ID)
             await asyncio.sleep(HICCUP_S - HICCUP_BEFORE_STALL_S)
+        try:
+            await asyncio.sleep(STALL_S - (time.monotonic() - stalled_at))
+            resume_xid = await clock.fetchval(TRANSACTION_ID)
+        finally:
+            os.kill(own_redis.process.pid, signal.SIGCONT)
     finally:
         await hiccup.close()
-    try:
-        await asyncio.sleep(STALL_S - (time.monotonic() - stalled_at))
-    finally:
-        os.kill(own_redis.process.pid, signal.SIGCONT)
+        await clock.close()
     await asyncio.sleep(1.5)
     stop.set()
     answers = await asyncio.wait_for(load, 4 * LATENCY_BOUND_S)
@@ -106,6 +134,14 @@ async def test_redis_stall_mid_load(own: tuple[Settings, Keys, Server], own_redi
     assert seen["503"] > 0, "the stall went unnoticed"
 
     settle_s = await wait_settled(settings)
+    # Redis could not take the abandon of a late commit, so the request
+    # reversed it in the ledger itself (writing the entry too if the writer
+    # had not), while Redis still stalled: the sweeper, which finds abandoned
+    # entries in Redis, could not have.
+    reversed_in_stall = await reversed_between(settings.database_url, stall_xid, resume_xid)
+    stalled_503 = {a.key for a in answers if a.status == 503}
+    assert reversed_in_stall, "no request reversed its charge in the ledger while Redis stalled"
+    assert reversed_in_stall <= stalled_503, reversed_in_stall - stalled_503
     problems = classify(answers, await ledger_debits(settings.database_url))
     print(f"settled in {settle_s:.1f} s; {sum(map(len, problems.values()))} violations")
     assert problems == {}

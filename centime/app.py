@@ -60,6 +60,7 @@ from topup.gateway import StripeGateway
 from topup.service import TopUps
 from wallet.api import DebitBatchController, HoldController, WalletController
 from wallet.cache import Cache
+from wallet.for_topups import TopUpWallets
 from wallet.holds import Holds
 from wallet.service import Wallets
 from wallet.sweeper import SweepReport, run_sweeper
@@ -381,7 +382,12 @@ async def _compose(app: Litestar, settings: Settings, stack: contextlib.AsyncExi
         cache=cache,
         wallets=wallets,
         holds=Holds(wallets=wallets),
-        topups=TopUps(pool=pool, cache=cache, gateway=gateway, settings=settings),
+        topups=TopUps(
+            pool=pool,
+            wallets=TopUpWallets(pool=pool, cache=cache, timeout_s=timeout_s),
+            gateway=gateway,
+            settings=settings,
+        ),
         timeout_s=timeout_s,
         key_store=key_store,
         metrics_token=settings.metrics_token,

@@ -9,7 +9,7 @@ handled in three steps:
   3. in one Postgres transaction: bring the ledger up to date with that
      payment (credit once, claw back each refund once, open or close each
      dispute once), update the top-up, and store the event id. Each ledger
-     effect is a wallet change (wallet/changes.py), applied to Redis after the
+     effect is a wallet change (wallet/for_topups.py), applied to Redis after the
      commit, exactly once, by this request or else by the sweeper.
 So replaying any event, in any order, changes nothing: every effect is keyed
 by the Stripe object that caused it, and the payment's state is Stripe's own.
@@ -59,11 +59,9 @@ from topup.schemas import (
     TopUpPage,
     WebhookAnswer,
 )
-from wallet import repo as wallet_repo
-from wallet.cache import Cache
-from wallet.changes import apply_changes, lock_wallet, write_change
-from wallet.errors import IdempotencyConflict, WalletNotFound
-from wallet.owners import OwnerIds, WalletOwners, sees
+from wallet.errors import IdempotencyConflict
+from wallet.for_topups import TopUpWallets
+from wallet.owners import OwnerIds
 
 log = logging.getLogger(__name__)
 
@@ -209,14 +207,18 @@ class TopUps:
     """The top-up service. Holds its connections, given explicitly."""
 
     def __init__(
-        self, *, pool: asyncpg.Pool, cache: Cache, gateway: StripeGateway | None, settings: Settings
+        self,
+        *,
+        pool: asyncpg.Pool,
+        wallets: TopUpWallets,
+        gateway: StripeGateway | None,
+        settings: Settings,
     ) -> None:
         self.pool = pool
-        self.cache = cache
+        self.wallets = wallets
         self._stripe = gateway
         self.settings = settings
         self._timeout_s = settings.database_timeout_ms / 1000
-        self._owners = WalletOwners(pool, timeout_s=self._timeout_s)
 
     def _gateway(self) -> StripeGateway:
         if self._stripe is None:
@@ -231,10 +233,7 @@ class TopUps:
         """A pending top-up with its PaymentIntent. Returns it and whether it
         is a replay of an earlier request with the same key."""
         gateway = self._gateway()
-        async with self.pool.acquire(timeout=self._timeout_s) as conn:
-            wallet = await wallet_repo.wallet_by_id(conn, wallet_id)
-        if wallet is None or not sees(owner_ids, wallet.owner_id):
-            raise WalletNotFound(f"no wallet {wallet_id}")
+        wallet = await self.wallets.wallet(wallet_id, owner_ids=owner_ids)
         amount_minor = self._amount_minor(request.amount_micros, wallet.currency)
         request_hash = topup_request_hash(request.amount_micros)
         async with self.pool.acquire(timeout=self._timeout_s) as conn:
@@ -308,7 +307,7 @@ class TopUps:
 
     async def get_topup(self, topup_id: uuid.UUID, *, owner_ids: OwnerIds) -> TopUp:
         row = await self._row(topup_id)
-        if owner_ids is not None and not await self._owners.in_reach(row.wallet_id, owner_ids):
+        if not await self.wallets.in_reach(row.wallet_id, owner_ids):
             raise TopUpNotFound(f"no top-up {topup_id}")  # as a missing one: nothing tells it exists
         return self._wire(row, with_secret=False)
 
@@ -336,10 +335,8 @@ class TopUps:
         self, wallet_id: uuid.UUID, *, limit: int, starting_after: uuid.UUID | None, owner_ids: OwnerIds
     ) -> TopUpPage:
         invariant(1 <= limit <= PAGE_SIZE_MAX, f"limit {limit} outside 1..{PAGE_SIZE_MAX}")
+        await self.wallets.wallet(wallet_id, owner_ids=owner_ids)
         async with self.pool.acquire(timeout=self._timeout_s) as conn:
-            wallet = await wallet_repo.wallet_by_id(conn, wallet_id)
-            if wallet is None or not sees(owner_ids, wallet.owner_id):
-                raise WalletNotFound(f"no wallet {wallet_id}")
             rows = await repo.topups_page(conn, wallet_id, starting_after, limit + 1)
         return TopUpPage(
             data=[self._wire(r, with_secret=False) for r in rows[:limit]], has_more=len(rows) > limit
@@ -505,7 +502,7 @@ class TopUps:
                 # dispute still open?" is answered by committed truth.
                 locked = await repo.topup_by_id(conn, row.id, for_update=True)
                 assert locked is not None
-                await lock_wallet(conn, row.wallet_id)
+                await self.wallets.lock(conn, row.wallet_id)
                 effects = Effects()
                 await self._settle_payment(conn, locked, payment, effects)
                 if dispute is not None:
@@ -521,7 +518,7 @@ class TopUps:
 
     async def _apply(self, wallet_id: uuid.UUID) -> None:
         try:
-            await apply_changes(self.pool, self.cache, wallet_id, timeout_s=self._timeout_s)
+            await self.wallets.apply(wallet_id)
         except (redis.exceptions.RedisError, OSError, TimeoutError, asyncpg.PostgresError) as exc:
             # Committed: the sweeper applies it. The event is answered 200.
             log.warning(
@@ -568,7 +565,7 @@ class TopUps:
                     "balance_transaction_id": transaction.id if transaction is not None else "",
                 },
             )
-            if await write_change(conn, entry, status=None, timeout_s=self._timeout_s):
+            if await self.wallets.write(conn, entry, status=None):
                 effects.credited(gross)
             credited, fee, charge_id = gross, min(fee_now, gross), charge.id
         if credited and charge is not None:
@@ -586,7 +583,7 @@ class TopUps:
                     description=f"refund {refund.id} of top-up {row.id}",
                     metadata={"payment_intent_id": intent.id, "charge_id": charge.id},
                 )
-                if await write_change(conn, entry, status=None, timeout_s=self._timeout_s):
+                if await self.wallets.write(conn, entry, status=None):
                     refunded += amount
                     effects.clawed_back(amount)
         error = intent.last_payment_error or {}
@@ -635,7 +632,7 @@ class TopUps:
                 description=f"dispute {dispute.id} opened on top-up {row.id}",
                 metadata={"charge_id": row.charge_id or ""},
             )
-            await write_change(conn, entry, status="frozen", timeout_s=self._timeout_s)
+            await self.wallets.write(conn, entry, status="frozen")
             effects.dispute(f"dispute {dispute.id} opened: wallet frozen, {amount} micros withheld")
             status, changed = "open", True
         else:
@@ -665,9 +662,7 @@ class TopUps:
                 description=f"dispute {dispute.id} {closed_as} on top-up {row.id}",
                 metadata={"charge_id": row.charge_id or ""},
             )
-            await write_change(
-                conn, entry, status="active" if still_open == 0 else None, timeout_s=self._timeout_s
-            )
+            await self.wallets.write(conn, entry, status="active" if still_open == 0 else None)
             effects.dispute(
                 f"dispute {dispute.id} {closed_as}"
                 + ("" if still_open else ": wallet active again")

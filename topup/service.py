@@ -21,6 +21,7 @@ import hashlib
 import logging
 import uuid
 from datetime import UTC, datetime
+from typing import Literal
 
 import asyncpg
 import msgspec
@@ -55,6 +56,7 @@ from topup.schemas import (
     CreateTopUp,
     Dispute,
     Payment,
+    StripeCharge,
     TopUp,
     TopUpPage,
     WebhookAnswer,
@@ -90,6 +92,7 @@ DISPUTE_EVENTS = frozenset(
 DISPUTE_CLOSED_WON = frozenset({"won", "warning_closed"})
 """Dispute statuses that give the money back (an inquiry closed is won)."""
 DISPUTE_CLOSED_LOST = frozenset({"lost"})
+DisputeClosedAs = Literal["won", "lost"]
 REFUND_SETTLED = frozenset({"succeeded", "pending"})
 """Refund statuses that take the money back. Stripe has accepted a pending
 refund; a refund that later fails is left to reconciliation."""
@@ -542,50 +545,10 @@ class TopUps:
             and charge is not None
             and charge.status == "succeeded"
         ):
-            gross = minor_to_micros(intent.amount_received or charge.amount, row.currency)
-            transaction = payment.balance_transaction
-            # A fee in another currency (settlement in the account's own) is
-            # not this entry's: the reconciler reports it.
-            fee_now = (
-                minor_to_micros(transaction.fee, row.currency)
-                if transaction is not None and transaction.currency == row.currency
-                else 0
-            )
-            entry = _entry(
-                row,
-                kind="topup",
-                key=f"topup:{row.id}",
-                amount_micros=gross,
-                lines=topup_lines(row.wallet_id, row.currency, gross, min(fee_now, gross)),
-                stripe_object_id=charge.id,
-                description=f"top-up {row.id}",
-                metadata={
-                    "payment_intent_id": intent.id,
-                    "charge_id": charge.id,
-                    "balance_transaction_id": transaction.id if transaction is not None else "",
-                },
-            )
-            if await self.wallets.write(conn, entry, status=None):
-                effects.credited(gross)
-            credited, fee, charge_id = gross, min(fee_now, gross), charge.id
+            credited, fee = await self._credit(conn, row, payment, charge, effects)
+            charge_id = charge.id
         if credited and charge is not None:
-            for refund in payment.refunds:
-                if refund.status not in REFUND_SETTLED or refund.currency != row.currency:
-                    continue
-                amount = minor_to_micros(refund.amount, row.currency)
-                entry = _entry(
-                    row,
-                    kind="topup_refund",
-                    key=f"refund:{refund.id}",
-                    amount_micros=amount,
-                    lines=topup_refund_lines(row.wallet_id, row.currency, amount),
-                    stripe_object_id=refund.id,
-                    description=f"refund {refund.id} of top-up {row.id}",
-                    metadata={"payment_intent_id": intent.id, "charge_id": charge.id},
-                )
-                if await self.wallets.write(conn, entry, status=None):
-                    refunded += amount
-                    effects.clawed_back(amount)
+            refunded += await self._claw_back_refunds(conn, row, payment, charge, effects)
         error = intent.last_payment_error or {}
         failure = None
         if intent.status == "requires_payment_method" and error:  # the last attempt failed
@@ -600,6 +563,75 @@ class TopUps:
             canceled=intent.status == "canceled",
             failure=failure,
         )
+
+    async def _credit(
+        self,
+        conn: asyncpg.Connection,
+        row: repo.TopUpRow,
+        payment: Payment,
+        charge: StripeCharge,
+        effects: Effects,
+    ) -> tuple[int, int]:
+        """Credit the wallet with the succeeded charge, once (key
+        `topup:<id>`). Returns the gross and the fee, in micros."""
+        intent = payment.intent
+        gross = minor_to_micros(intent.amount_received or charge.amount, row.currency)
+        transaction = payment.balance_transaction
+        # A fee in another currency (settlement in the account's own) is
+        # not this entry's: the reconciler reports it.
+        fee = (
+            minor_to_micros(transaction.fee, row.currency)
+            if transaction is not None and transaction.currency == row.currency
+            else 0
+        )
+        fee = min(fee, gross)
+        entry = _entry(
+            row,
+            kind="topup",
+            key=f"topup:{row.id}",
+            amount_micros=gross,
+            lines=topup_lines(row.wallet_id, row.currency, gross, fee),
+            stripe_object_id=charge.id,
+            description=f"top-up {row.id}",
+            metadata={
+                "payment_intent_id": intent.id,
+                "charge_id": charge.id,
+                "balance_transaction_id": transaction.id if transaction is not None else "",
+            },
+        )
+        if await self.wallets.write(conn, entry, status=None):
+            effects.credited(gross)
+        return gross, fee
+
+    async def _claw_back_refunds(
+        self,
+        conn: asyncpg.Connection,
+        row: repo.TopUpRow,
+        payment: Payment,
+        charge: StripeCharge,
+        effects: Effects,
+    ) -> int:
+        """Claw back each settled refund of the charge, once (key
+        `refund:<id>`). Returns the micros clawed back by this call."""
+        clawed_back = 0
+        for refund in payment.refunds:
+            if refund.status not in REFUND_SETTLED or refund.currency != row.currency:
+                continue
+            amount = minor_to_micros(refund.amount, row.currency)
+            entry = _entry(
+                row,
+                kind="topup_refund",
+                key=f"refund:{refund.id}",
+                amount_micros=amount,
+                lines=topup_refund_lines(row.wallet_id, row.currency, amount),
+                stripe_object_id=refund.id,
+                description=f"refund {refund.id} of top-up {row.id}",
+                metadata={"payment_intent_id": payment.intent.id, "charge_id": charge.id},
+            )
+            if await self.wallets.write(conn, entry, status=None):
+                clawed_back += amount
+                effects.clawed_back(amount)
+        return clawed_back
 
     async def _settle_dispute(
         self, conn: asyncpg.Connection, row: repo.TopUpRow, dispute: Dispute, effects: Effects
@@ -616,58 +648,17 @@ class TopUps:
                 f"dispute {dispute.id} on top-up {row.id}, which Stripe does not show as paid yet; retry later"
             )
         invariant(dispute.currency == row.currency, f"dispute {dispute.id} is in {dispute.currency}")
-        amount = minor_to_micros(dispute.amount, row.currency)
-        changed = False
         stored = await repo.dispute_for_update(conn, dispute.id)
-        status = stored.status if stored is not None else None
+        changed = stored is None
         if stored is None:
-            await repo.insert_dispute(conn, dispute.id, row.id, row.wallet_id, amount)
-            entry = _entry(
-                row,
-                kind="dispute_opened",
-                key=f"dispute:{dispute.id}:opened",
-                amount_micros=amount,
-                lines=dispute_opened_lines(row.wallet_id, row.currency, amount),
-                stripe_object_id=dispute.id,
-                description=f"dispute {dispute.id} opened on top-up {row.id}",
-                metadata={"charge_id": row.charge_id or ""},
-            )
-            await self.wallets.write(conn, entry, status="frozen")
-            effects.dispute(f"dispute {dispute.id} opened: wallet frozen, {amount} micros withheld")
-            status, changed = "open", True
+            amount = minor_to_micros(dispute.amount, row.currency)
+            await self._open_dispute(conn, row, dispute, amount, effects)
+            status = "open"
         else:
-            amount = stored.amount_micros
-        closed_as = (
-            "won"
-            if dispute.status in DISPUTE_CLOSED_WON
-            else "lost"
-            if dispute.status in DISPUTE_CLOSED_LOST
-            else None
-        )
+            amount, status = stored.amount_micros, stored.status
+        closed_as = _closed_as(dispute)
         if status == "open" and closed_as is not None:
-            await repo.close_dispute(conn, dispute.id, closed_as)
-            still_open = await repo.open_disputes_of_wallet(conn, row.wallet_id)
-            lines = (
-                dispute_won_lines(row.wallet_id, row.currency, amount)
-                if closed_as == "won"
-                else dispute_lost_lines(row.currency, amount)
-            )
-            entry = _entry(
-                row,
-                kind="dispute_won" if closed_as == "won" else "dispute_lost",
-                key=f"dispute:{dispute.id}:{closed_as}",
-                amount_micros=amount,
-                lines=lines,
-                stripe_object_id=dispute.id,
-                description=f"dispute {dispute.id} {closed_as} on top-up {row.id}",
-                metadata={"charge_id": row.charge_id or ""},
-            )
-            await self.wallets.write(conn, entry, status="active" if still_open == 0 else None)
-            effects.dispute(
-                f"dispute {dispute.id} {closed_as}"
-                + ("" if still_open else ": wallet active again")
-                + (f", {amount} micros given back" if closed_as == "won" else "")
-            )
+            await self._close_dispute(conn, row, dispute, amount, closed_as, effects)
             changed = True
         if changed:
             await self._save_state(  # the payment's own state stands
@@ -680,6 +671,59 @@ class TopUps:
                 canceled=current.status == "canceled",
                 failure=current.failure_message,
             )
+
+    async def _open_dispute(
+        self, conn: asyncpg.Connection, row: repo.TopUpRow, dispute: Dispute, amount: int, effects: Effects
+    ) -> None:
+        """Record the dispute, freeze the wallet and withhold the amount."""
+        await repo.insert_dispute(conn, dispute.id, row.id, row.wallet_id, amount)
+        entry = _entry(
+            row,
+            kind="dispute_opened",
+            key=f"dispute:{dispute.id}:opened",
+            amount_micros=amount,
+            lines=dispute_opened_lines(row.wallet_id, row.currency, amount),
+            stripe_object_id=dispute.id,
+            description=f"dispute {dispute.id} opened on top-up {row.id}",
+            metadata={"charge_id": row.charge_id or ""},
+        )
+        await self.wallets.write(conn, entry, status="frozen")
+        effects.dispute(f"dispute {dispute.id} opened: wallet frozen, {amount} micros withheld")
+
+    async def _close_dispute(
+        self,
+        conn: asyncpg.Connection,
+        row: repo.TopUpRow,
+        dispute: Dispute,
+        amount: int,
+        closed_as: DisputeClosedAs,
+        effects: Effects,
+    ) -> None:
+        """Close the open dispute: won gives the amount back, lost takes it
+        for good; the wallet is active again when no other dispute is open."""
+        await repo.close_dispute(conn, dispute.id, closed_as)
+        still_open = await repo.open_disputes_of_wallet(conn, row.wallet_id)
+        lines = (
+            dispute_won_lines(row.wallet_id, row.currency, amount)
+            if closed_as == "won"
+            else dispute_lost_lines(row.currency, amount)
+        )
+        entry = _entry(
+            row,
+            kind="dispute_won" if closed_as == "won" else "dispute_lost",
+            key=f"dispute:{dispute.id}:{closed_as}",
+            amount_micros=amount,
+            lines=lines,
+            stripe_object_id=dispute.id,
+            description=f"dispute {dispute.id} {closed_as} on top-up {row.id}",
+            metadata={"charge_id": row.charge_id or ""},
+        )
+        await self.wallets.write(conn, entry, status="active" if still_open == 0 else None)
+        effects.dispute(
+            f"dispute {dispute.id} {closed_as}"
+            + ("" if still_open else ": wallet active again")
+            + (f", {amount} micros given back" if closed_as == "won" else "")
+        )
 
     async def _save_state(
         self,
@@ -724,6 +768,15 @@ def _failed(row: repo.TopUpRow, message: str) -> repo.TopUpState:
         disputed_micros=row.disputed_micros,
         failure_message=message[:1000],
     )
+
+
+def _closed_as(dispute: Dispute) -> DisputeClosedAs | None:
+    """How Stripe closed the dispute, or None while it is open."""
+    if dispute.status in DISPUTE_CLOSED_WON:
+        return "won"
+    if dispute.status in DISPUTE_CLOSED_LOST:
+        return "lost"
+    return None
 
 
 def _charge_id(dispute: Dispute) -> str:

@@ -142,101 +142,148 @@ async def measure(database_url: str, redis_url: str, seconds: int, wallets: int,
     loads: dict[str, scenarios.Load] = {}
     checks: dict[str, scenarios.Verification] = {}
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
-    debit_path = "/v1/wallets/{wallet}/debits"
     try:
         with centime_server(database_url, redis_url, workers=workers) as url:
             say(f"centime serving on {url} ({workers} worker(s)); {seconds} s per scenario")
-
-            async def debit_run(name: str, wallets_file: Path, **options: float) -> None:
-                run = f"{name}{secrets.token_hex(3)}"
-                keys_out = keys_dir / name
-                load = await asyncio.to_thread(
-                    scenarios.wrk,
-                    url,
-                    debit_path,
-                    int(options.pop("seconds", seconds)),
-                    connections=int(options.pop("connections", CONNECTIONS)),
-                    key=key,
-                    wallets_file=wallets_file,
-                    run=run,
-                    keys_out=keys_out,
-                    **options,  # type: ignore[arg-type]
-                )
-                verification = await scenarios.verify(pool, cache, run=run, keys_out=keys_out)
-                if options.get("batch_items"):
-                    # debits/s: the debits answered 201, not the batch requests
-                    load = msgspec.structs.replace(
-                        load,
-                        requests=verification.answered_2xx,
-                        rps=verification.answered_2xx / load.duration_s,
-                    )
-                loads[name], checks[name] = load, verification
-                say(
-                    f"{name}: {load.rps:,.0f}/s, p99 {load.p99_ms:.1f} ms, {load.non_2xx} non-2xx; "
-                    f"ledger: {verification.lost} lost, {verification.duplicated} duplicated; "
-                    f"check {verification.check_detail}"
-                )
-
-            loads["floor"] = await asyncio.to_thread(
-                scenarios.wrk, url, "/bench/floor", seconds, connections=CONNECTIONS
-            )
-            say(f"floor: {loads['floor'].rps:,.0f}/s, p99 {loads['floor'].p99_ms:.1f} ms")
-            await debit_run("debit", spread_file)
-            await debit_run("debit_hot", hot_file)
-            # Paced: each of HALF_LOAD_CONNECTIONS connections waits before each
-            # request. Calibrate the wait once, then measure.
-            target_rps = loads["debit"].rps / 2
-            wait_ms = HALF_LOAD_CONNECTIONS * 1000 / target_rps
-            await debit_run(
-                "debit_half",
-                spread_file,
-                seconds=CALIBRATION_SECONDS,
-                connections=HALF_LOAD_CONNECTIONS,
-                delay_ms=wait_ms,
-            )
-            latency_ms = HALF_LOAD_CONNECTIONS * 1000 / loads["debit_half"].rps - wait_ms
-            wait_ms = max(0.1, HALF_LOAD_CONNECTIONS * 1000 / target_rps - max(latency_ms, 0))
-            await debit_run("debit_half", spread_file, connections=HALF_LOAD_CONNECTIONS, delay_ms=wait_ms)
-            await debit_run("batch", spread_file, connections=BATCH_CONNECTIONS, batch_items=BATCH_ITEMS)
-            mix = await asyncio.to_thread(
-                scenarios.locust, url, seconds, key=key, wallets_file=spread_file, users=LOCUST_USERS
-            )
-            if mix is not None:
-                loads["mix"] = mix
-                left = await scenarios.quiesce(cache)
-                say(f"mix (locust): {mix.rps:,.0f}/s, p99 {mix.p99_ms:.0f} ms; {left} in flight after")
-            # The naive peer starts from the ledger's balances (so it runs last
-            # against the server: its debits are not in Redis).
-            async with pool.acquire(timeout=scenarios.BENCH_ACQUIRE_TIMEOUT_S) as conn:
-                await conn.execute(Q["naive_schema"])
-                await conn.execute(Q["naive_load"], ids, system_account_id("revenue", "usd"))
-            for name, wallets_file in (("naive_hot", hot_file), ("naive", spread_file)):
-                loads[name] = await asyncio.to_thread(
-                    scenarios.wrk,
-                    url,
-                    "/bench/naive/wallets/{wallet}/debits",
-                    seconds,
-                    connections=CONNECTIONS,
-                    key=key,
-                    wallets_file=wallets_file,
-                )
-                say(f"{name}: {loads[name].rps:,.0f}/s, p99 {loads[name].p99_ms:.1f} ms")
-        loads["redis_ceiling"] = await scenarios.redis_ceiling(redis_url, seconds)
-        say(f"redis_ceiling: {loads['redis_ceiling'].rps:,.0f}/s")
-        loads["ledger_writer"], written = await scenarios.ledger_writer(
-            database_url,
-            spread,
-            seconds,
-            batch_entries_max=settings.commit_batch_entries_max,
-            connections=settings.commit_connections,
-        )
-        say(f"ledger_writer: {loads['ledger_writer'].rps:,.0f} entries/s")
-        loads["copy"] = await scenarios.raw_copy(database_url, written)
-        say(f"copy: {loads['copy'].rps:,.0f} entries/s")
+            served = _Served(url, seconds, key, pool, cache, keys_dir, loads=loads, checks=checks)
+            await served.debit_scenarios(spread_file=spread_file, hot_file=hot_file)
+            await served.naive_scenarios(ids, spread_file=spread_file, hot_file=hot_file)
+        await _store_ceilings(loads, settings, spread, seconds)
     finally:
         await pool.close()
         await client.aclose()
     return {"loads": loads, "checks": checks, "versions": await _versions(database_url, redis_url)}
+
+
+class _Served:
+    """The scenarios run against the centime server: what each needs, and
+    what each measured (`loads`) and found in the ledger after (`checks`)."""
+
+    def __init__(
+        self,
+        url: str,
+        seconds: int,
+        key: str,
+        pool: asyncpg.Pool,
+        cache: Cache,
+        keys_dir: Path,
+        *,
+        loads: dict[str, scenarios.Load],
+        checks: dict[str, scenarios.Verification],
+    ) -> None:
+        self.url, self.seconds, self.key = url, seconds, key
+        self.pool, self.cache, self.keys_dir = pool, cache, keys_dir
+        self.loads, self.checks = loads, checks
+
+    async def debit_scenarios(self, *, spread_file: Path, hot_file: Path) -> None:
+        """The HTTP floor, then debits: spread, on one hot wallet, at half
+        load, in batches, and the locust mix."""
+        self.loads["floor"] = await asyncio.to_thread(
+            scenarios.wrk, self.url, "/bench/floor", self.seconds, connections=CONNECTIONS
+        )
+        say(f"floor: {self.loads['floor'].rps:,.0f}/s, p99 {self.loads['floor'].p99_ms:.1f} ms")
+        await self.debits("debit", spread_file)
+        await self.debits("debit_hot", hot_file)
+        await self.half_load(spread_file)
+        await self.debits("batch", spread_file, connections=BATCH_CONNECTIONS, batch_items=BATCH_ITEMS)
+        mix = await asyncio.to_thread(
+            scenarios.locust,
+            self.url,
+            self.seconds,
+            key=self.key,
+            wallets_file=spread_file,
+            users=LOCUST_USERS,
+        )
+        if mix is not None:
+            self.loads["mix"] = mix
+            left = await scenarios.quiesce(self.cache)
+            say(f"mix (locust): {mix.rps:,.0f}/s, p99 {mix.p99_ms:.0f} ms; {left} in flight after")
+
+    async def half_load(self, spread_file: Path) -> None:
+        """Paced: each of HALF_LOAD_CONNECTIONS connections waits before each
+        request. Calibrate the wait once, then measure."""
+        target_rps = self.loads["debit"].rps / 2
+        wait_ms = HALF_LOAD_CONNECTIONS * 1000 / target_rps
+        await self.debits(
+            "debit_half",
+            spread_file,
+            seconds=CALIBRATION_SECONDS,
+            connections=HALF_LOAD_CONNECTIONS,
+            delay_ms=wait_ms,
+        )
+        latency_ms = HALF_LOAD_CONNECTIONS * 1000 / self.loads["debit_half"].rps - wait_ms
+        wait_ms = max(0.1, HALF_LOAD_CONNECTIONS * 1000 / target_rps - max(latency_ms, 0))
+        await self.debits("debit_half", spread_file, connections=HALF_LOAD_CONNECTIONS, delay_ms=wait_ms)
+
+    async def debits(self, name: str, wallets_file: Path, **options: float) -> None:
+        """One wrk run of debits, then the ledger checked for every answer."""
+        run = f"{name}{secrets.token_hex(3)}"
+        keys_out = self.keys_dir / name
+        load = await asyncio.to_thread(
+            scenarios.wrk,
+            self.url,
+            "/v1/wallets/{wallet}/debits",
+            int(options.pop("seconds", self.seconds)),
+            connections=int(options.pop("connections", CONNECTIONS)),
+            key=self.key,
+            wallets_file=wallets_file,
+            run=run,
+            keys_out=keys_out,
+            **options,  # type: ignore[arg-type]
+        )
+        verification = await scenarios.verify(self.pool, self.cache, run=run, keys_out=keys_out)
+        if options.get("batch_items"):
+            # debits/s: the debits answered 201, not the batch requests
+            load = msgspec.structs.replace(
+                load, requests=verification.answered_2xx, rps=verification.answered_2xx / load.duration_s
+            )
+        self.loads[name], self.checks[name] = load, verification
+        say(
+            f"{name}: {load.rps:,.0f}/s, p99 {load.p99_ms:.1f} ms, {load.non_2xx} non-2xx; "
+            f"ledger: {verification.lost} lost, {verification.duplicated} duplicated; "
+            f"check {verification.check_detail}"
+        )
+
+    async def naive_scenarios(self, ids: list, *, spread_file: Path, hot_file: Path) -> None:  # type: ignore[type-arg]
+        """The naive peer (one Postgres row update per debit). It starts from
+        the ledger's balances, so it runs last: its debits are not in Redis."""
+        async with self.pool.acquire(timeout=scenarios.BENCH_ACQUIRE_TIMEOUT_S) as conn:
+            await conn.execute(Q["naive_schema"])
+            await conn.execute(Q["naive_load"], ids, system_account_id("revenue", "usd"))
+        for name, wallets_file in (("naive_hot", hot_file), ("naive", spread_file)):
+            self.loads[name] = await asyncio.to_thread(
+                scenarios.wrk,
+                self.url,
+                "/bench/naive/wallets/{wallet}/debits",
+                self.seconds,
+                connections=CONNECTIONS,
+                key=self.key,
+                wallets_file=wallets_file,
+            )
+            say(f"{name}: {self.loads[name].rps:,.0f}/s, p99 {self.loads[name].p99_ms:.1f} ms")
+
+
+async def _store_ceilings(
+    loads: dict[str, scenarios.Load],
+    settings: Settings,
+    spread: list,  # type: ignore[type-arg]
+    seconds: int,
+) -> None:
+    """What the stores alone sustain, without the server: Redis's script
+    rate, the ledger writer's entry rate, and a raw COPY of as many entries."""
+    assert settings.database_url is not None and settings.redis_url is not None
+    loads["redis_ceiling"] = await scenarios.redis_ceiling(settings.redis_url, seconds)
+    say(f"redis_ceiling: {loads['redis_ceiling'].rps:,.0f}/s")
+    loads["ledger_writer"], written = await scenarios.ledger_writer(
+        settings.database_url,
+        spread,
+        seconds,
+        batch_entries_max=settings.commit_batch_entries_max,
+        connections=settings.commit_connections,
+    )
+    say(f"ledger_writer: {loads['ledger_writer'].rps:,.0f} entries/s")
+    loads["copy"] = await scenarios.raw_copy(settings.database_url, written)
+    say(f"copy: {loads['copy'].rps:,.0f} entries/s")
 
 
 def _files(spread: list, hot: object) -> tuple[Path, Path, Path]:  # type: ignore[type-arg]

@@ -52,6 +52,8 @@ REDIS_CEILING_REQUESTS_MAX = 3_000_000
 """Bounds the outbox the ceiling run leaves in Redis (about 1 KiB each)."""
 REDIS_CEILING_CONNECTIONS = 64
 APPLY_SCRIPT = Path("wallet/lua/apply.lua")
+REDIS_CEILING_PREFIX = "ceiling:{p0}"
+"""The ceiling's keys: one partition, as every script call touches one."""
 
 
 class Load(msgspec.Struct, kw_only=True):
@@ -178,74 +180,18 @@ async def redis_ceiling(redis_url: str, seconds: int) -> Load:
     the time) while the wallet key names one of the seeded wallets."""
     client = redis.Redis.from_url(redis_url)
     try:
-        prefix = "ceiling:{p0}"
         sha = await client.script_load(APPLY_SCRIPT.read_bytes())  # noqa: ASYNC240 -- once, small
-        async with client.pipeline(transaction=False) as pipe:
-            for n in range(REDIS_CEILING_WALLETS):
-                pipe.hset(
-                    f"{prefix}:w:{n:012d}",
-                    mapping={"b": 10**15, "o": 0, "s": "active", "c": "usd", "e": "bench", "q": 0},
-                )
-            await pipe.execute()
-        payload = msgspec.json.encode(
-            {
-                "id": str(uuid7()),
-                "wallet_id": str(uuid.uuid4()),
-                "kind": "debit",
-                "amount_micros": 1000,
-                "idempotency_key": "bench-0000000000-0000000000",
-                "request_hash": "0" * 32,
-                "description": "bench",
-                "metadata": {},
-                "created_at": datetime.now(UTC).isoformat(),
-            }
-        ).decode()
+        await _seed_ceiling_wallets(client)
         host, port = redis_url.removeprefix("redis://").split("/")[0].split(":")
-        command = [
-            "EVALSHA",
-            sha,
-            "4",
-            f"{prefix}:outbox",
-            f"{prefix}:abandoned",
-            f"{prefix}:w:__rand_int__",
-            f"{prefix}:i:RUN:__rand_int__:__rand_int__:__rand_int__:__rand_int__:__rand_int__",
-            "3600",
-            str(2**53 - 1),
-            "debit",
-            "1000",
-            "0" * 32,
-            str(uuid7()),
-            payload,
-        ]
+        command = _ceiling_command(sha)
 
         def run(requests: int, tag: str) -> Load:
-            # redis-benchmark may draw the same random numbers in each run
-            # (seen with 7.0: the second run replayed the first's 20,000
-            # keys), so each run's keys carry a tag of their own.
-            args = ["redis-benchmark", "-h", host, "-p", port, "-c", str(REDIS_CEILING_CONNECTIONS)]
-            args += ["-n", str(requests), "-r", str(REDIS_CEILING_WALLETS), "--csv"]
-            args += [part.replace(":RUN:", f":{tag}:") for part in command]
-            done = subprocess.run(args, capture_output=True, text=True, timeout=seconds * 4 + 120)
-            if done.returncode != 0:
-                raise SystemExit(f"bench: redis-benchmark failed: {done.stderr.strip()[-500:]}")
-            # The test's name (the command, with its JSON payload) is not
-            # escaped in the CSV: read the seven figures that end the line.
-            # rps, avg, min, p50, p95, p99, max
-            figures = re.findall(r'"([0-9.]+)"', done.stdout.strip().splitlines()[-1])[-7:]
-            rps, _, _, p50_ms, _, p99_ms, max_ms = (float(f) for f in figures)
-            return Load(
-                requests=requests,
-                duration_s=requests / rps,
-                rps=rps,
-                p50_ms=p50_ms,
-                p99_ms=p99_ms,
-                max_ms=max_ms,
-            )
+            return _redis_benchmark(host, port, command, requests=requests, tag=tag, seconds=seconds)
 
         probe = await asyncio.to_thread(run, 20_000, "probe")
         requests = int(min(max(probe.rps * seconds, 20_000), REDIS_CEILING_REQUESTS_MAX))
         load = await asyncio.to_thread(run, requests, "run")
-        charged = await client.xlen(f"{prefix}:outbox")
+        charged = await client.xlen(f"{REDIS_CEILING_PREFIX}:outbox")
         if charged != probe.requests + load.requests:
             raise SystemExit(
                 f"bench: the Redis ceiling charged {charged} times, not {probe.requests + load.requests}: "
@@ -257,6 +203,76 @@ async def redis_ceiling(redis_url: str, seconds: int) -> Load:
         for start in range(0, len(keys), 1000):
             await client.unlink(*keys[start : start + 1000])
         await client.aclose()
+
+
+async def _seed_ceiling_wallets(client: redis.Redis) -> None:
+    """REDIS_CEILING_WALLETS wallets in Redis, each rich enough never to run out."""
+    async with client.pipeline(transaction=False) as pipe:
+        for n in range(REDIS_CEILING_WALLETS):
+            pipe.hset(
+                f"{REDIS_CEILING_PREFIX}:w:{n:012d}",
+                mapping={"b": 10**15, "o": 0, "s": "active", "c": "usd", "e": "bench", "q": 0},
+            )
+        await pipe.execute()
+
+
+def _ceiling_command(sha: str) -> list[str]:
+    """The debit as one EVALSHA, with `__rand_int__` where redis-benchmark
+    draws a wallet and an idempotency key, and `:RUN:` for the run's tag."""
+    prefix = REDIS_CEILING_PREFIX
+    payload = msgspec.json.encode(
+        {
+            "id": str(uuid7()),
+            "wallet_id": str(uuid.uuid4()),
+            "kind": "debit",
+            "amount_micros": 1000,
+            "idempotency_key": "bench-0000000000-0000000000",
+            "request_hash": "0" * 32,
+            "description": "bench",
+            "metadata": {},
+            "created_at": datetime.now(UTC).isoformat(),
+        }
+    ).decode()
+    return [
+        "EVALSHA",
+        sha,
+        "4",
+        f"{prefix}:outbox",
+        f"{prefix}:abandoned",
+        f"{prefix}:w:__rand_int__",
+        f"{prefix}:i:RUN:__rand_int__:__rand_int__:__rand_int__:__rand_int__:__rand_int__",
+        "3600",
+        str(2**53 - 1),
+        "debit",
+        "1000",
+        "0" * 32,
+        str(uuid7()),
+        payload,
+    ]
+
+
+def _redis_benchmark(
+    host: str, port: str, command: list[str], *, requests: int, tag: str, seconds: int
+) -> Load:
+    """One redis-benchmark run of `command`, `requests` times.
+
+    redis-benchmark may draw the same random numbers in each run (seen with
+    7.0: the second run replayed the first's 20,000 keys), so each run's
+    keys carry a tag of their own."""
+    args = ["redis-benchmark", "-h", host, "-p", port, "-c", str(REDIS_CEILING_CONNECTIONS)]
+    args += ["-n", str(requests), "-r", str(REDIS_CEILING_WALLETS), "--csv"]
+    args += [part.replace(":RUN:", f":{tag}:") for part in command]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=seconds * 4 + 120)
+    if done.returncode != 0:
+        raise SystemExit(f"bench: redis-benchmark failed: {done.stderr.strip()[-500:]}")
+    # The test's name (the command, with its JSON payload) is not escaped in
+    # the CSV: read the seven figures that end the line.
+    # rps, avg, min, p50, p95, p99, max
+    figures = re.findall(r'"([0-9.]+)"', done.stdout.strip().splitlines()[-1])[-7:]
+    rps, _, _, p50_ms, _, p99_ms, max_ms = (float(f) for f in figures)
+    return Load(
+        requests=requests, duration_s=requests / rps, rps=rps, p50_ms=p50_ms, p99_ms=p99_ms, max_ms=max_ms
+    )
 
 
 # The ledger writer and raw COPY ----------------------------------------------
@@ -356,16 +372,18 @@ async def ledger_writer(
     elapsed = loop.time() - started
     if failed:
         raise SystemExit(f"bench: the ledger writer failed {failed} entries")
+    return _committed_load(latencies_ms, elapsed), written
+
+
+def _committed_load(latencies_ms: list[float], elapsed_s: float) -> Load:
+    """The rate and latencies of the entries committed in `elapsed_s`."""
     latencies_ms.sort()
-    return (
-        Load(
-            requests=len(written),
-            duration_s=elapsed,
-            rps=len(written) / elapsed,
-            p50_ms=latencies_ms[len(latencies_ms) // 2],
-            p99_ms=latencies_ms[int(len(latencies_ms) * 0.99)],
-        ),
-        written,
+    return Load(
+        requests=len(latencies_ms),
+        duration_s=elapsed_s,
+        rps=len(latencies_ms) / elapsed_s,
+        p50_ms=latencies_ms[len(latencies_ms) // 2],
+        p99_ms=latencies_ms[int(len(latencies_ms) * 0.99)],
     )
 
 

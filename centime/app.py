@@ -60,6 +60,7 @@ from topup.gateway import StripeGateway
 from topup.service import TopUps
 from wallet.api import DebitBatchController, HoldController, WalletController
 from wallet.cache import Cache
+from wallet.for_topups import TopUpWallets
 from wallet.holds import Holds
 from wallet.service import Wallets
 from wallet.sweeper import SweepReport, run_sweeper
@@ -363,6 +364,27 @@ def _ledger_writer(settings: Settings, wallets: list[Wallets]) -> LedgerWriter:
     )
 
 
+SETTLED_HOW = (
+    "orphans_committed",
+    "orphans_reversed",
+    "abandoned_reversed",
+    "abandoned_refunded",
+    "changes_applied",
+    "holds_expired",
+)
+"""The fields of a SweepReport that count as settled (`SweepReport.settled`),
+each a `how` of centime_sweeper_settled_total."""
+
+
+def record_sweep_pass(report: SweepReport, depth: int) -> None:
+    """A sweeper pass, in /metrics: what it settled, by how, and the outbox left."""
+    for how in SETTLED_HOW:
+        count = getattr(report, how)
+        if count:
+            metrics.sweeper_settled_total.labels(how).inc(count)
+    metrics.outbox_depth.set(depth)
+
+
 async def _compose(app: Litestar, settings: Settings, stack: contextlib.AsyncExitStack) -> None:
     """Open the stores, make the services into app.state, start the
     background work; `stack` undoes it all, last first."""
@@ -381,7 +403,12 @@ async def _compose(app: Litestar, settings: Settings, stack: contextlib.AsyncExi
         cache=cache,
         wallets=wallets,
         holds=Holds(wallets=wallets),
-        topups=TopUps(pool=pool, cache=cache, gateway=gateway, settings=settings),
+        topups=TopUps(
+            pool=pool,
+            wallets=TopUpWallets(pool=pool, cache=cache, timeout_s=timeout_s),
+            gateway=gateway,
+            settings=settings,
+        ),
         timeout_s=timeout_s,
         key_store=key_store,
         metrics_token=settings.metrics_token,
@@ -397,11 +424,9 @@ async def _compose(app: Litestar, settings: Settings, stack: contextlib.AsyncExi
     stop = asyncio.Event()
     sweeper = None
     if settings.run_sweeper:
-
-        def on_pass(report: SweepReport, depth: int) -> None:
-            metrics.outbox_depth.set(depth)
-
-        sweeper = asyncio.create_task(run_sweeper(pool, cache, settings, stop=stop, on_pass=on_pass))
+        sweeper = asyncio.create_task(
+            run_sweeper(pool, cache, settings, stop=stop, on_pass=record_sweep_pass)
+        )
     key_store.watch(stop)
 
     async def halt() -> None:

@@ -143,7 +143,7 @@ def worker() -> None:
 
 
 async def _work(settings: Settings) -> None:
-    from centime.app import redis_client
+    from centime.app import record_sweep_pass, redis_client
     from wallet.cache import Cache
     from wallet.sweeper import run_sweeper
 
@@ -163,7 +163,7 @@ async def _work(settings: Settings) -> None:
         cache = Cache(client, prefix=settings.redis_prefix, partition_count=settings.partition_count)
         log.info(f"centime worker: sweeping every {settings.sweeper_interval_ms} ms")
         async with contextlib.AsyncExitStack() as stack:
-            jobs = [run_sweeper(pool, cache, settings, stop=stop)]
+            jobs = [run_sweeper(pool, cache, settings, stop=stop, on_pass=record_sweep_pass)]
             if settings.reconcile_nightly and settings.stripe_secret_key is not None:
                 from centime.reconciling import reconciler
                 from reconcile.scheduler import RETRY_AFTER, parse_at, run_nightly

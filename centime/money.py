@@ -7,7 +7,6 @@ from typing import Annotated
 
 import msgspec
 
-MICROS_PER_UNIT = 1_000_000
 AMOUNT_MICROS_MAX = 2**53 - 1
 """Largest amount or balance magnitude: the largest integer a double holds exactly."""
 

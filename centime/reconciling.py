@@ -16,6 +16,7 @@ from reconcile.service import Reconciler
 from reconcile.stripe_source import BalanceTransactions
 from topup.service import TopUps
 from wallet.cache import Cache
+from wallet.for_topups import TopUpWallets
 from wallet.maintenance import find_drift
 
 SETTLE_MARGIN_S = 1.0
@@ -34,6 +35,7 @@ async def reconciler(settings: Settings, pool: asyncpg.Pool, cache: Cache) -> As
         timeout_ms=settings.stripe_timeout_ms,
     )
     settle_wait_s = settings.commit_timeout_ms / 1000 + SETTLE_MARGIN_S
+    timeout_s = settings.database_timeout_ms / 1000
 
     async def check_balances(repair: bool) -> DriftReport:
         search = await find_drift(
@@ -48,10 +50,15 @@ async def reconciler(settings: Settings, pool: asyncpg.Pool, cache: Cache) -> As
     try:
         yield Reconciler(
             pool=pool,
-            topups=TopUps(pool=pool, cache=cache, gateway=gateway, settings=settings),
+            topups=TopUps(
+                pool=pool,
+                wallets=TopUpWallets(pool=pool, cache=cache, timeout_s=timeout_s),
+                gateway=gateway,
+                settings=settings,
+            ),
             stripe=source,
             check_balances=check_balances,
-            timeout_s=settings.database_timeout_ms / 1000,
+            timeout_s=timeout_s,
         )
     finally:
         await source.close()

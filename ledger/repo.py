@@ -109,10 +109,6 @@ async def wallet_entries_page(
     ]
 
 
-async def account_balance(conn: asyncpg.Connection, account_id: uuid.UUID) -> int:
-    return await conn.fetchval(Q["account_balance"], account_id)
-
-
 async def unbalanced_entries(conn: asyncpg.Connection, limit: int) -> list[tuple[uuid.UUID, int, int]]:
     rows = await conn.fetch(Q["unbalanced_entries"], limit)
     return [(row["id"], row["line_count"], row["total_micros"]) for row in rows]

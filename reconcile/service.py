@@ -183,7 +183,6 @@ class Reconciler:
         covered the window (checked under the lock)."""
         if not window_start < window_end or window_end - window_start > WINDOW_MAX:
             raise ValueError(f"the window must be non-empty and at most {WINDOW_MAX.days} days")
-        run_id = uuid7()
         async with self.pool.acquire(timeout=self._timeout_s) as conn:
             if not await repo.try_lock(conn):
                 raise ReconcileBusy("another reconciliation run holds the lock; try again when it ends")
@@ -194,64 +193,82 @@ class Reconciler:
                     done = await repo.finished_run_of_window(conn, window_start, window_end)
                     if done is not None:
                         raise AlreadyReconciled(done)
-                await repo.insert_run(conn, run_id, window_start, window_end, dry_run)
-                findings = Findings()
-                error: str | None = None
-                wallets_checked = 0
-                try:
-                    await self._match_stripe(
-                        conn, run_id, window_start, window_end, dry_run, findings, progress
-                    )
-                    await self._match_ledger(conn, run_id, window_start, window_end, findings, progress)
-                    drift = await self.check_balances(not dry_run)
-                    wallets_checked = drift.wallets_checked
-                    if drift.unexamined:
-                        findings.add(
-                            Item(
-                                category="balance_drift",
-                                detail=f"{drift.unexamined} more wallets differ from the ledger than one run "
-                                "examines: rebuild the cache (`centime rebuild-cache`) when quiet",
-                            )
-                        )
-                    for d in drift.drifts:
-                        findings.add(
-                            Item(
-                                category="balance_drift",
-                                currency=d.currency,
-                                wallet_id=d.wallet_id,
-                                stripe_amount_micros=None,
-                                ledger_amount_micros=d.ledger_micros - d.redis_micros,
-                                healed=d.repaired,
-                                detail=(
-                                    f"Redis {d.redis_micros} != ledger {d.ledger_micros} micros"
-                                    + ("; Redis repaired from the ledger" if d.repaired else "")
-                                ),
-                            )
-                        )
-                    await repo.insert_items(conn, run_id, findings.take())
-                    status = "clean" if findings.unhealed == 0 else "unmatched"
-                except Exception as exc:
-                    log.exception("reconciliation run %s failed", run_id)
-                    status, error = "failed", f"{type(exc).__name__}: {exc}"[:4000]
-                await repo.finish_run(
-                    conn,
-                    run_id,
-                    status=status,
-                    transactions_seen=findings.seen,
-                    counts=findings.counts,
-                    totals=findings.plain_totals(),
-                    healed=findings.healed,
-                    wallets_checked=wallets_checked,
-                    error=error,
-                )
-                if status != "failed" and not dry_run:
-                    await repo.supersede_runs(conn, window_start, window_end, run_id)
-                run = await repo.run_by_id(conn, run_id)
-                items = await repo.items_page(conn, run_id, 0, ITEMS_PAGE_SIZE_MAX)
+                return await self._recorded_run(conn, window_start, window_end, dry_run, progress)
             finally:
                 await repo.unlock(conn)
+
+    async def _recorded_run(
+        self,
+        conn: asyncpg.Connection,
+        window_start: datetime,
+        window_end: datetime,
+        dry_run: bool,
+        progress: Progress | None,
+    ) -> tuple[Run, list[Item]]:
+        """Under the lock: record a run, match both sides and check the
+        balances, and finish the run with what was found (or as failed, with
+        why). A run that did not fail and changed things supersedes the
+        earlier runs of its window."""
+        run_id = uuid7()
+        await repo.insert_run(conn, run_id, window_start, window_end, dry_run)
+        findings = Findings()
+        error: str | None = None
+        wallets_checked = 0
+        try:
+            await self._match_stripe(conn, run_id, window_start, window_end, dry_run, findings, progress)
+            await self._match_ledger(conn, run_id, window_start, window_end, findings, progress)
+            wallets_checked = await self._check_balances(findings, repair=not dry_run)
+            await repo.insert_items(conn, run_id, findings.take())
+            status = "clean" if findings.unhealed == 0 else "unmatched"
+        except Exception as exc:
+            log.exception("reconciliation run %s failed", run_id)
+            status, error = "failed", f"{type(exc).__name__}: {exc}"[:4000]
+        await repo.finish_run(
+            conn,
+            run_id,
+            status=status,
+            transactions_seen=findings.seen,
+            counts=findings.counts,
+            totals=findings.plain_totals(),
+            healed=findings.healed,
+            wallets_checked=wallets_checked,
+            error=error,
+        )
+        if status != "failed" and not dry_run:
+            await repo.supersede_runs(conn, window_start, window_end, run_id)
+        run = await repo.run_by_id(conn, run_id)
         assert run is not None
-        return run, items
+        return run, await repo.items_page(conn, run_id, 0, ITEMS_PAGE_SIZE_MAX)
+
+    async def _check_balances(self, findings: Findings, *, repair: bool) -> int:
+        """Each wallet whose Redis balance differs from its ledger balance is
+        an item (repaired from the ledger with `repair`). Returns how many
+        wallets were checked."""
+        drift = await self.check_balances(repair)
+        if drift.unexamined:
+            findings.add(
+                Item(
+                    category="balance_drift",
+                    detail=f"{drift.unexamined} more wallets differ from the ledger than one run "
+                    "examines: rebuild the cache (`centime rebuild-cache`) when quiet",
+                )
+            )
+        for d in drift.drifts:
+            findings.add(
+                Item(
+                    category="balance_drift",
+                    currency=d.currency,
+                    wallet_id=d.wallet_id,
+                    stripe_amount_micros=None,
+                    ledger_amount_micros=d.ledger_micros - d.redis_micros,
+                    healed=d.repaired,
+                    detail=(
+                        f"Redis {d.redis_micros} != ledger {d.ledger_micros} micros"
+                        + ("; Redis repaired from the ledger" if d.repaired else "")
+                    ),
+                )
+            )
+        return drift.wallets_checked
 
     # Stripe's side ---------------------------------------------------------------
 

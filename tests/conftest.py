@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import IO
@@ -98,6 +99,14 @@ async def drop_database(stores: Stores, name: str) -> None:
         await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
     finally:
         await conn.close()
+
+
+async def account_balance(conn: asyncpg.Connection, account_id: uuid.UUID) -> int:
+    """The ledger's own word on an account: minus the sum of its lines (a
+    wallet's balance), read straight from journal_lines as an oracle."""
+    return await conn.fetchval(
+        "SELECT coalesce(-sum(amount_micros), 0)::bigint FROM journal_lines WHERE account_id = $1", account_id
+    )
 
 
 @pytest.fixture(scope="session")

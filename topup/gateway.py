@@ -19,7 +19,7 @@ from topup.errors import (
     WebhookPayloadInvalid,
     WebhookSignatureInvalid,
 )
-from topup.schemas import BalanceTransaction, Charge, Dispute, Payment, PaymentIntent, Refund
+from topup.schemas import BalanceTransaction, Dispute, Payment, PaymentIntent, Refund, StripeCharge
 
 log = logging.getLogger(__name__)
 
@@ -188,12 +188,12 @@ class StripeGateway:
         )
         return _convert(raw, Dispute)
 
-    async def _charge(self, charge_id: str) -> Charge:
+    async def _charge(self, charge_id: str) -> StripeCharge:
         raw = await self._call(
             f"reading charge {charge_id}",
             self._client.v1.charges.retrieve_async(charge_id, params={"expand": ["balance_transaction"]}),
         )
-        return _convert(raw, Charge)
+        return _convert(raw, StripeCharge)
 
     async def _balance_transaction(self, transaction_id: str) -> BalanceTransaction:
         raw = await self._call(

@@ -86,7 +86,9 @@ class Refund(msgspec.Struct, kw_only=True):
     charge: str | None = None
 
 
-class Charge(msgspec.Struct, kw_only=True):
+class StripeCharge(msgspec.Struct, kw_only=True):
+    """A Stripe charge (`ch_`), as read back (not a wallet's charge in Redis)."""
+
     id: str
     amount: int
     currency: str
@@ -105,7 +107,7 @@ class PaymentIntent(msgspec.Struct, kw_only=True):
     metadata: dict[str, str] = {}
     client_secret: str | None = None
     # An id, or the object when expanded (localstripe always expands it).
-    latest_charge: Charge | str | None = None
+    latest_charge: StripeCharge | str | None = None
     last_payment_error: dict | None = None
 
 
@@ -114,7 +116,7 @@ class Dispute(msgspec.Struct, kw_only=True):
     amount: int
     currency: str
     status: str
-    charge: str | Charge
+    charge: str | StripeCharge
     payment_intent: str | None = None
 
 
@@ -123,6 +125,6 @@ class Payment(msgspec.Struct, kw_only=True):
     charge, the charge's balance transaction, and the charge's refunds."""
 
     intent: PaymentIntent
-    charge: Charge | None
+    charge: StripeCharge | None
     balance_transaction: BalanceTransaction | None
     refunds: list[Refund]

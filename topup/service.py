@@ -9,7 +9,7 @@ handled in three steps:
   3. in one Postgres transaction: bring the ledger up to date with that
      payment (credit once, claw back each refund once, open or close each
      dispute once), update the top-up, and store the event id. Each ledger
-     effect is a wallet change (wallet/changes.py), applied to Redis after the
+     effect is a wallet change (wallet/for_topups.py), applied to Redis after the
      commit, exactly once, by this request or else by the sweeper.
 So replaying any event, in any order, changes nothing: every effect is keyed
 by the Stripe object that caused it, and the payment's state is Stripe's own.
@@ -21,6 +21,7 @@ import hashlib
 import logging
 import uuid
 from datetime import UTC, datetime
+from typing import Literal
 
 import asyncpg
 import msgspec
@@ -55,15 +56,14 @@ from topup.schemas import (
     CreateTopUp,
     Dispute,
     Payment,
+    StripeCharge,
     TopUp,
     TopUpPage,
     WebhookAnswer,
 )
-from wallet import repo as wallet_repo
-from wallet.cache import Cache
-from wallet.changes import apply_changes, lock_wallet, write_change
-from wallet.errors import IdempotencyConflict, WalletNotFound
-from wallet.owners import OwnerIds, WalletOwners, sees
+from wallet.errors import IdempotencyConflict
+from wallet.for_topups import TopUpWallets
+from wallet.owners import OwnerIds
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ DISPUTE_EVENTS = frozenset(
 DISPUTE_CLOSED_WON = frozenset({"won", "warning_closed"})
 """Dispute statuses that give the money back (an inquiry closed is won)."""
 DISPUTE_CLOSED_LOST = frozenset({"lost"})
+DisputeClosedAs = Literal["won", "lost"]
 REFUND_SETTLED = frozenset({"succeeded", "pending"})
 """Refund statuses that take the money back. Stripe has accepted a pending
 refund; a refund that later fails is left to reconciliation."""
@@ -209,14 +210,18 @@ class TopUps:
     """The top-up service. Holds its connections, given explicitly."""
 
     def __init__(
-        self, *, pool: asyncpg.Pool, cache: Cache, gateway: StripeGateway | None, settings: Settings
+        self,
+        *,
+        pool: asyncpg.Pool,
+        wallets: TopUpWallets,
+        gateway: StripeGateway | None,
+        settings: Settings,
     ) -> None:
         self.pool = pool
-        self.cache = cache
+        self.wallets = wallets
         self._stripe = gateway
         self.settings = settings
         self._timeout_s = settings.database_timeout_ms / 1000
-        self._owners = WalletOwners(pool, timeout_s=self._timeout_s)
 
     def _gateway(self) -> StripeGateway:
         if self._stripe is None:
@@ -231,10 +236,7 @@ class TopUps:
         """A pending top-up with its PaymentIntent. Returns it and whether it
         is a replay of an earlier request with the same key."""
         gateway = self._gateway()
-        async with self.pool.acquire(timeout=self._timeout_s) as conn:
-            wallet = await wallet_repo.wallet_by_id(conn, wallet_id)
-        if wallet is None or not sees(owner_ids, wallet.owner_id):
-            raise WalletNotFound(f"no wallet {wallet_id}")
+        wallet = await self.wallets.wallet(wallet_id, owner_ids=owner_ids)
         amount_minor = self._amount_minor(request.amount_micros, wallet.currency)
         request_hash = topup_request_hash(request.amount_micros)
         async with self.pool.acquire(timeout=self._timeout_s) as conn:
@@ -308,7 +310,7 @@ class TopUps:
 
     async def get_topup(self, topup_id: uuid.UUID, *, owner_ids: OwnerIds) -> TopUp:
         row = await self._row(topup_id)
-        if owner_ids is not None and not await self._owners.in_reach(row.wallet_id, owner_ids):
+        if not await self.wallets.in_reach(row.wallet_id, owner_ids):
             raise TopUpNotFound(f"no top-up {topup_id}")  # as a missing one: nothing tells it exists
         return self._wire(row, with_secret=False)
 
@@ -336,10 +338,8 @@ class TopUps:
         self, wallet_id: uuid.UUID, *, limit: int, starting_after: uuid.UUID | None, owner_ids: OwnerIds
     ) -> TopUpPage:
         invariant(1 <= limit <= PAGE_SIZE_MAX, f"limit {limit} outside 1..{PAGE_SIZE_MAX}")
+        await self.wallets.wallet(wallet_id, owner_ids=owner_ids)
         async with self.pool.acquire(timeout=self._timeout_s) as conn:
-            wallet = await wallet_repo.wallet_by_id(conn, wallet_id)
-            if wallet is None or not sees(owner_ids, wallet.owner_id):
-                raise WalletNotFound(f"no wallet {wallet_id}")
             rows = await repo.topups_page(conn, wallet_id, starting_after, limit + 1)
         return TopUpPage(
             data=[self._wire(r, with_secret=False) for r in rows[:limit]], has_more=len(rows) > limit
@@ -505,7 +505,7 @@ class TopUps:
                 # dispute still open?" is answered by committed truth.
                 locked = await repo.topup_by_id(conn, row.id, for_update=True)
                 assert locked is not None
-                await lock_wallet(conn, row.wallet_id)
+                await self.wallets.lock(conn, row.wallet_id)
                 effects = Effects()
                 await self._settle_payment(conn, locked, payment, effects)
                 if dispute is not None:
@@ -521,7 +521,7 @@ class TopUps:
 
     async def _apply(self, wallet_id: uuid.UUID) -> None:
         try:
-            await apply_changes(self.pool, self.cache, wallet_id, timeout_s=self._timeout_s)
+            await self.wallets.apply(wallet_id)
         except (redis.exceptions.RedisError, OSError, TimeoutError, asyncpg.PostgresError) as exc:
             # Committed: the sweeper applies it. The event is answered 200.
             log.warning(
@@ -545,50 +545,10 @@ class TopUps:
             and charge is not None
             and charge.status == "succeeded"
         ):
-            gross = minor_to_micros(intent.amount_received or charge.amount, row.currency)
-            transaction = payment.balance_transaction
-            # A fee in another currency (settlement in the account's own) is
-            # not this entry's: the reconciler reports it.
-            fee_now = (
-                minor_to_micros(transaction.fee, row.currency)
-                if transaction is not None and transaction.currency == row.currency
-                else 0
-            )
-            entry = _entry(
-                row,
-                kind="topup",
-                key=f"topup:{row.id}",
-                amount_micros=gross,
-                lines=topup_lines(row.wallet_id, row.currency, gross, min(fee_now, gross)),
-                stripe_object_id=charge.id,
-                description=f"top-up {row.id}",
-                metadata={
-                    "payment_intent_id": intent.id,
-                    "charge_id": charge.id,
-                    "balance_transaction_id": transaction.id if transaction is not None else "",
-                },
-            )
-            if await write_change(conn, entry, status=None, timeout_s=self._timeout_s):
-                effects.credited(gross)
-            credited, fee, charge_id = gross, min(fee_now, gross), charge.id
+            credited, fee = await self._credit(conn, row, payment, charge, effects)
+            charge_id = charge.id
         if credited and charge is not None:
-            for refund in payment.refunds:
-                if refund.status not in REFUND_SETTLED or refund.currency != row.currency:
-                    continue
-                amount = minor_to_micros(refund.amount, row.currency)
-                entry = _entry(
-                    row,
-                    kind="topup_refund",
-                    key=f"refund:{refund.id}",
-                    amount_micros=amount,
-                    lines=topup_refund_lines(row.wallet_id, row.currency, amount),
-                    stripe_object_id=refund.id,
-                    description=f"refund {refund.id} of top-up {row.id}",
-                    metadata={"payment_intent_id": intent.id, "charge_id": charge.id},
-                )
-                if await write_change(conn, entry, status=None, timeout_s=self._timeout_s):
-                    refunded += amount
-                    effects.clawed_back(amount)
+            refunded += await self._claw_back_refunds(conn, row, payment, charge, effects)
         error = intent.last_payment_error or {}
         failure = None
         if intent.status == "requires_payment_method" and error:  # the last attempt failed
@@ -603,6 +563,75 @@ class TopUps:
             canceled=intent.status == "canceled",
             failure=failure,
         )
+
+    async def _credit(
+        self,
+        conn: asyncpg.Connection,
+        row: repo.TopUpRow,
+        payment: Payment,
+        charge: StripeCharge,
+        effects: Effects,
+    ) -> tuple[int, int]:
+        """Credit the wallet with the succeeded charge, once (key
+        `topup:<id>`). Returns the gross and the fee, in micros."""
+        intent = payment.intent
+        gross = minor_to_micros(intent.amount_received or charge.amount, row.currency)
+        transaction = payment.balance_transaction
+        # A fee in another currency (settlement in the account's own) is
+        # not this entry's: the reconciler reports it.
+        fee = (
+            minor_to_micros(transaction.fee, row.currency)
+            if transaction is not None and transaction.currency == row.currency
+            else 0
+        )
+        fee = min(fee, gross)
+        entry = _entry(
+            row,
+            kind="topup",
+            key=f"topup:{row.id}",
+            amount_micros=gross,
+            lines=topup_lines(row.wallet_id, row.currency, gross, fee),
+            stripe_object_id=charge.id,
+            description=f"top-up {row.id}",
+            metadata={
+                "payment_intent_id": intent.id,
+                "charge_id": charge.id,
+                "balance_transaction_id": transaction.id if transaction is not None else "",
+            },
+        )
+        if await self.wallets.write(conn, entry, status=None):
+            effects.credited(gross)
+        return gross, fee
+
+    async def _claw_back_refunds(
+        self,
+        conn: asyncpg.Connection,
+        row: repo.TopUpRow,
+        payment: Payment,
+        charge: StripeCharge,
+        effects: Effects,
+    ) -> int:
+        """Claw back each settled refund of the charge, once (key
+        `refund:<id>`). Returns the micros clawed back by this call."""
+        clawed_back = 0
+        for refund in payment.refunds:
+            if refund.status not in REFUND_SETTLED or refund.currency != row.currency:
+                continue
+            amount = minor_to_micros(refund.amount, row.currency)
+            entry = _entry(
+                row,
+                kind="topup_refund",
+                key=f"refund:{refund.id}",
+                amount_micros=amount,
+                lines=topup_refund_lines(row.wallet_id, row.currency, amount),
+                stripe_object_id=refund.id,
+                description=f"refund {refund.id} of top-up {row.id}",
+                metadata={"payment_intent_id": payment.intent.id, "charge_id": charge.id},
+            )
+            if await self.wallets.write(conn, entry, status=None):
+                clawed_back += amount
+                effects.clawed_back(amount)
+        return clawed_back
 
     async def _settle_dispute(
         self, conn: asyncpg.Connection, row: repo.TopUpRow, dispute: Dispute, effects: Effects
@@ -619,60 +648,17 @@ class TopUps:
                 f"dispute {dispute.id} on top-up {row.id}, which Stripe does not show as paid yet; retry later"
             )
         invariant(dispute.currency == row.currency, f"dispute {dispute.id} is in {dispute.currency}")
-        amount = minor_to_micros(dispute.amount, row.currency)
-        changed = False
         stored = await repo.dispute_for_update(conn, dispute.id)
-        status = stored.status if stored is not None else None
+        changed = stored is None
         if stored is None:
-            await repo.insert_dispute(conn, dispute.id, row.id, row.wallet_id, amount)
-            entry = _entry(
-                row,
-                kind="dispute_opened",
-                key=f"dispute:{dispute.id}:opened",
-                amount_micros=amount,
-                lines=dispute_opened_lines(row.wallet_id, row.currency, amount),
-                stripe_object_id=dispute.id,
-                description=f"dispute {dispute.id} opened on top-up {row.id}",
-                metadata={"charge_id": row.charge_id or ""},
-            )
-            await write_change(conn, entry, status="frozen", timeout_s=self._timeout_s)
-            effects.dispute(f"dispute {dispute.id} opened: wallet frozen, {amount} micros withheld")
-            status, changed = "open", True
+            amount = minor_to_micros(dispute.amount, row.currency)
+            await self._open_dispute(conn, row, dispute, amount, effects)
+            status = "open"
         else:
-            amount = stored.amount_micros
-        closed_as = (
-            "won"
-            if dispute.status in DISPUTE_CLOSED_WON
-            else "lost"
-            if dispute.status in DISPUTE_CLOSED_LOST
-            else None
-        )
+            amount, status = stored.amount_micros, stored.status
+        closed_as = _closed_as(dispute)
         if status == "open" and closed_as is not None:
-            await repo.close_dispute(conn, dispute.id, closed_as)
-            still_open = await repo.open_disputes_of_wallet(conn, row.wallet_id)
-            lines = (
-                dispute_won_lines(row.wallet_id, row.currency, amount)
-                if closed_as == "won"
-                else dispute_lost_lines(row.currency, amount)
-            )
-            entry = _entry(
-                row,
-                kind="dispute_won" if closed_as == "won" else "dispute_lost",
-                key=f"dispute:{dispute.id}:{closed_as}",
-                amount_micros=amount,
-                lines=lines,
-                stripe_object_id=dispute.id,
-                description=f"dispute {dispute.id} {closed_as} on top-up {row.id}",
-                metadata={"charge_id": row.charge_id or ""},
-            )
-            await write_change(
-                conn, entry, status="active" if still_open == 0 else None, timeout_s=self._timeout_s
-            )
-            effects.dispute(
-                f"dispute {dispute.id} {closed_as}"
-                + ("" if still_open else ": wallet active again")
-                + (f", {amount} micros given back" if closed_as == "won" else "")
-            )
+            await self._close_dispute(conn, row, dispute, amount, closed_as, effects)
             changed = True
         if changed:
             await self._save_state(  # the payment's own state stands
@@ -685,6 +671,59 @@ class TopUps:
                 canceled=current.status == "canceled",
                 failure=current.failure_message,
             )
+
+    async def _open_dispute(
+        self, conn: asyncpg.Connection, row: repo.TopUpRow, dispute: Dispute, amount: int, effects: Effects
+    ) -> None:
+        """Record the dispute, freeze the wallet and withhold the amount."""
+        await repo.insert_dispute(conn, dispute.id, row.id, row.wallet_id, amount)
+        entry = _entry(
+            row,
+            kind="dispute_opened",
+            key=f"dispute:{dispute.id}:opened",
+            amount_micros=amount,
+            lines=dispute_opened_lines(row.wallet_id, row.currency, amount),
+            stripe_object_id=dispute.id,
+            description=f"dispute {dispute.id} opened on top-up {row.id}",
+            metadata={"charge_id": row.charge_id or ""},
+        )
+        await self.wallets.write(conn, entry, status="frozen")
+        effects.dispute(f"dispute {dispute.id} opened: wallet frozen, {amount} micros withheld")
+
+    async def _close_dispute(
+        self,
+        conn: asyncpg.Connection,
+        row: repo.TopUpRow,
+        dispute: Dispute,
+        amount: int,
+        closed_as: DisputeClosedAs,
+        effects: Effects,
+    ) -> None:
+        """Close the open dispute: won gives the amount back, lost takes it
+        for good; the wallet is active again when no other dispute is open."""
+        await repo.close_dispute(conn, dispute.id, closed_as)
+        still_open = await repo.open_disputes_of_wallet(conn, row.wallet_id)
+        lines = (
+            dispute_won_lines(row.wallet_id, row.currency, amount)
+            if closed_as == "won"
+            else dispute_lost_lines(row.currency, amount)
+        )
+        entry = _entry(
+            row,
+            kind="dispute_won" if closed_as == "won" else "dispute_lost",
+            key=f"dispute:{dispute.id}:{closed_as}",
+            amount_micros=amount,
+            lines=lines,
+            stripe_object_id=dispute.id,
+            description=f"dispute {dispute.id} {closed_as} on top-up {row.id}",
+            metadata={"charge_id": row.charge_id or ""},
+        )
+        await self.wallets.write(conn, entry, status="active" if still_open == 0 else None)
+        effects.dispute(
+            f"dispute {dispute.id} {closed_as}"
+            + ("" if still_open else ": wallet active again")
+            + (f", {amount} micros given back" if closed_as == "won" else "")
+        )
 
     async def _save_state(
         self,
@@ -729,6 +768,15 @@ def _failed(row: repo.TopUpRow, message: str) -> repo.TopUpState:
         disputed_micros=row.disputed_micros,
         failure_message=message[:1000],
     )
+
+
+def _closed_as(dispute: Dispute) -> DisputeClosedAs | None:
+    """How Stripe closed the dispute, or None while it is open."""
+    if dispute.status in DISPUTE_CLOSED_WON:
+        return "won"
+    if dispute.status in DISPUTE_CLOSED_LOST:
+        return "lost"
+    return None
 
 
 def _charge_id(dispute: Dispute) -> str:

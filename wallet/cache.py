@@ -20,6 +20,7 @@ from redis.commands.core import AsyncScript
 from centime.errors import invariant
 from centime.money import AMOUNT_MICROS_MAX
 from ledger.ids import uuid7
+from wallet.schemas import CachedWallet, WalletChange
 from wallet.tick_client import Script, TickClient
 
 SCRIPTS = (
@@ -50,25 +51,6 @@ class DriftProbe(msgspec.Struct, frozen=True):
     change_seq: int
     outbox_last_id: str
     in_flight: bool
-
-
-class CachedWallet(msgspec.Struct, frozen=True):
-    balance_micros: int
-    overdraft_limit_micros: int
-    status: str
-    currency: str
-    change_seq: int = 0
-    """The last Postgres-first change (wallet/changes.py) the balance includes."""
-    held_micros: int = 0
-    """What active holds reserve (read from Redis; a load keeps Redis's)."""
-
-
-class WalletChange(msgspec.Struct, frozen=True):
-    """A Postgres-first change to apply to a wallet in Redis, once."""
-
-    seq: int
-    delta_micros: int
-    status: str | None
 
 
 class Undo(msgspec.Struct, frozen=True, gc=False):

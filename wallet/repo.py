@@ -9,7 +9,7 @@ import asyncpg
 import msgspec
 
 from centime.sql import load_queries
-from wallet.cache import CachedWallet, WalletChange
+from wallet.schemas import CachedWallet, WalletChange
 
 Q = load_queries("wallet")
 

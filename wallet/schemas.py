@@ -1,5 +1,6 @@
 """Wire structs of the wallet API. Requests forbid unknown fields: a typo is
-an error, not a silent default."""
+an error, not a silent default. At the end, the internal structs that the
+Postgres side (repo.py) and the Redis side (cache.py) both speak."""
 
 from __future__ import annotations
 
@@ -222,3 +223,25 @@ class BatchItem(msgspec.Struct, kw_only=True, gc=False):
 class BatchResult(msgspec.Struct, kw_only=True):
     results: list[BatchItem]
     """One per debit, in request order."""
+
+
+# Internal: what Postgres (repo.py) and Redis (cache.py) both speak ------------
+
+
+class CachedWallet(msgspec.Struct, frozen=True):
+    balance_micros: int
+    overdraft_limit_micros: int
+    status: str
+    currency: str
+    change_seq: int = 0
+    """The last Postgres-first change (wallet/changes.py) the balance includes."""
+    held_micros: int = 0
+    """What active holds reserve (read from Redis; a load keeps Redis's)."""
+
+
+class WalletChange(msgspec.Struct, frozen=True):
+    """A Postgres-first change to apply to a wallet in Redis, once."""
+
+    seq: int
+    delta_micros: int
+    status: str | None

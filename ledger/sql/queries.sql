@@ -80,13 +80,6 @@ SELECT id, kind, currency, wallet_id, amount_micros, balance_micros, idempotency
  ORDER BY id DESC
  LIMIT $3
 
--- name: account_balance
--- Liability balance of a wallet account: credits minus debits.
-SELECT coalesce(-sum(amount_micros), 0)::bigint AS balance_micros
-  FROM journal_lines
- WHERE account_id = $1
-
-
 -- name: unbalanced_entries
 -- Entries whose lines do not sum to zero, or that have fewer than two lines.
 SELECT e.id, count(l.entry_id) AS line_count, coalesce(sum(l.amount_micros), 0)::bigint AS total_micros

@@ -17,7 +17,7 @@ import asyncpg
 import msgspec
 import pytest
 import redis.asyncio as redis
-from conftest import free_port
+from conftest import account_balance, free_port
 
 from centime.errors import Unavailable
 from centime.settings import Settings
@@ -115,7 +115,7 @@ async def debit(wallets: Wallets, wallet_id: uuid.UUID, key: str, micros: int = 
 
 async def ledger_balance(h: Harness, wallet_id: uuid.UUID) -> int:
     async with h.pool.acquire() as conn:
-        return await ledger_repo.account_balance(conn, wallet_id)
+        return await account_balance(conn, wallet_id)
 
 
 async def redis_balance(h: Harness, wallet_id: uuid.UUID) -> int:

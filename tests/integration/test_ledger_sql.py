@@ -16,7 +16,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from conftest import RUN_ID, Stores, create_database, drop_database
+from conftest import RUN_ID, Stores, account_balance, create_database, drop_database
 
 from centime.migrate import MigrationError, discover, migrate
 from ledger import repo as ledger_repo
@@ -535,7 +535,7 @@ async def test_insert_entries_skips_known_ids_and_taken_keys(conn: asyncpg.Conne
     assert await count(conn, "journal_entries") == 4
     assert await count(conn, "journal_lines") == 8
     assert await ledger_repo.lines_total(conn) == (0, 8)
-    assert await ledger_repo.account_balance(conn, wallet_id) == -(100 + 5 + 3)
+    assert await account_balance(conn, wallet_id) == -(100 + 5 + 3)
     assert await ledger_repo.unbalanced_entries(conn, 10) == []
 
 
@@ -545,7 +545,7 @@ async def test_insert_entries_skips_a_duplicate_key_within_one_batch(conn: async
     b = debit(wallet_id, 20, key="dup")
     written = await ledger_repo.insert_entries(conn, [a, b], timeout_s=TIMEOUT_S)
     assert written == {a.id}
-    assert await ledger_repo.account_balance(conn, wallet_id) == -10
+    assert await account_balance(conn, wallet_id) == -10
     assert await ledger_repo.lines_total(conn) == (0, 2)
 
 
@@ -565,7 +565,7 @@ async def test_insert_entries_in_a_transaction_skips_known_entries_and_keeps_it_
         assert (
             await conn.fetchval("SELECT count(*) FROM journal_entries WHERE wallet_id = $1", wallet_id) == 2
         )
-    assert await ledger_repo.account_balance(conn, wallet_id) == -105
+    assert await account_balance(conn, wallet_id) == -105
 
 
 async def test_insert_entries_round_trips_every_field(conn: asyncpg.Connection) -> None:
@@ -587,7 +587,7 @@ async def test_a_reversal_may_carry_its_originals_key(conn: asyncpg.Connection) 
     reversal = reversal_of(original, reversal_id_for(original.id))
     written = await ledger_repo.insert_entries(conn, [original, reversal], timeout_s=TIMEOUT_S)
     assert written == {original.id, reversal.id}
-    assert await ledger_repo.account_balance(conn, wallet_id) == 0
+    assert await account_balance(conn, wallet_id) == 0
     assert await ledger_repo.mismatched_reversals(conn, 10) == []
 
 
@@ -597,8 +597,8 @@ async def test_credit_lines_raise_the_wallet_balance(conn: asyncpg.Connection) -
         **{**_fields(debit(wallet_id, 500)), "kind": "credit", "lines": credit_lines(wallet_id, "usd", 500)}
     )
     await ledger_repo.insert_entries(conn, [credit], timeout_s=TIMEOUT_S)
-    assert await ledger_repo.account_balance(conn, wallet_id) == 500
-    assert await ledger_repo.account_balance(conn, system_account_id("promotions", "usd")) == -500
+    assert await account_balance(conn, wallet_id) == 500
+    assert await account_balance(conn, system_account_id("promotions", "usd")) == -500
 
 
 # ledger.writer.write_entries -------------------------------------------------------
@@ -693,7 +693,7 @@ async def test_writer_group_commits_many_concurrent_submits(
         await writer.stop()
     assert await count(conn, "journal_entries") == 200
     assert await ledger_repo.lines_total(conn) == (0, 400)
-    assert sum([await ledger_repo.account_balance(conn, w) for w in wallets]) == -sum(range(1, 201))
+    assert sum([await account_balance(conn, w) for w in wallets]) == -sum(range(1, 201))
 
 
 async def test_writer_hands_outcomes_to_the_after_commit_hook(
@@ -834,4 +834,4 @@ async def test_lines_cannot_be_added_to_a_committed_entry(conn: asyncpg.Connecti
             wallet_id,
             revenue,
         )
-    assert await ledger_repo.account_balance(conn, wallet_id) == -100
+    assert await account_balance(conn, wallet_id) == -100

@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from conftest import HARNESS_PARTITIONS, Harness
+from conftest import HARNESS_PARTITIONS, Harness, account_balance
 
 import wallet.changes as changes_module
 from centime.errors import InvariantViolation
@@ -166,7 +166,7 @@ async def write_topups(h: Harness, wallet_id: uuid.UUID, amounts_micros: list[in
 
 async def ledger_balance(h: Harness, wallet_id: uuid.UUID) -> int:
     async with h.pool.acquire() as conn:
-        return await ledger_repo.account_balance(conn, wallet_id)
+        return await account_balance(conn, wallet_id)
 
 
 async def wallet_state(h: Harness, wallet_id: uuid.UUID) -> tuple[int, str]:

@@ -150,6 +150,25 @@ def test_kernel_imports_no_domain_package_and_not_the_face(kernel_module: str) -
     assert hits(GRAPH[kernel_module], (*DOMAIN, "bench", *FACE)) == set()
 
 
+WALLET_INSIDES = ("wallet.repo", "wallet.cache", "wallet.changes")
+"""The wallet's SQL, Redis and change layers: topup/ reaches them only through wallet.for_topups."""
+
+
+def test_topup_reaches_the_wallet_through_its_api_for_topups() -> None:
+    violations = {
+        module: sorted(hits(imported, WALLET_INSIDES))
+        for module, imported in GRAPH.items()
+        if in_package(module, "topup") and hits(imported, WALLET_INSIDES)
+    }
+    assert violations == {}
+    assert hits(GRAPH["topup.service"], ("wallet.for_topups",))  # the rule reads real edges
+    assert hits(GRAPH["wallet.for_topups"], WALLET_INSIDES)
+
+
+def test_wallet_repo_does_not_depend_on_the_redis_cache() -> None:
+    assert hits(GRAPH["wallet.repo"], ("wallet.cache",)) == set()
+
+
 def test_only_topup_and_reconcile_import_stripe() -> None:
     offenders = {
         module

@@ -13,17 +13,18 @@ import msgspec
 import pytest
 import redis.exceptions
 from conftest import HARNESS_PARTITIONS, ROOT
+from lua_support import as_sent
 from redis.crc import key_slot
 
 from centime.money import AMOUNT_MICROS_MAX
-from wallet.cache import SCRIPTS, Cache, CachedWallet, Settling, Undo
+from wallet.cache import SCRIPTS, Cache, CachedWallet, Clearing, Undo
 
 PARTITIONS = HARNESS_PARTITIONS
 TTL_S = 120
 _TAG = re.compile(r"\{([^}]*)\}")
 _EPOCH = re.compile(r"[0-9a-f]{16}")  # secrets.token_hex(8), written by load_wallet.lua
 
-SETTLED, ABANDONED_FIRST, SETTLED_BEFORE = 1, 2, 0  # settle_committed's answers
+SETTLED, ABANDONED_FIRST, SETTLED_BEFORE = 1, 2, 0  # clear_committed's answers
 
 
 async def new_wallet(
@@ -66,19 +67,15 @@ class Applied(msgspec.Struct, frozen=True):
         """The wallet's epoch when charged (apply.lua's fifth item on ok)."""
         return self.reply[4]
 
-    def settling(self) -> Settling:
+    def clearing(self) -> Clearing:
         credit = self.amount_micros if self.kind == "credit" else 0
-        return Settling(self.outbox_id, self.entry_id, self.wallet_id, credit, self.epoch)
+        return Clearing(self.outbox_id, self.entry_id, self.wallet_id, credit, self.epoch)
 
     def undo(self) -> Undo:
         # As wallet.service.undo: a debit returns to b, a credit leaves p.
         if self.kind == "debit":
             return Undo("b", self.amount_micros, self.epoch)
         return Undo("p", -self.amount_micros, self.epoch)
-
-
-def _text(reply: list) -> list[str]:
-    return [item.decode() if isinstance(item, bytes) else str(item) for item in reply]
 
 
 async def apply(
@@ -104,15 +101,15 @@ async def apply(
         idempotency_key=key,
         ttl_s=TTL_S,
     )
-    return Applied(_text(reply), wallet_id, kind, amount_micros, entry_id, key, payload)
+    return Applied(as_sent(reply), wallet_id, kind, amount_micros, entry_id, key, payload)
 
 
 async def settle(cache: Cache, *applied: Applied) -> list[int]:
-    """settle_committed for entries of one partition, in one call."""
+    """clear_committed for entries of one partition, in one call."""
     partitions = {cache.partition(a.wallet_id) for a in applied}
     assert len(partitions) == 1
     (p,) = partitions
-    settled = await cache.settle_committed({p: [a.settling() for a in applied]})
+    settled = await cache.clear_committed({p: [a.clearing() for a in applied]})
     assert list(settled) == [p]
     return settled[p]
 
@@ -136,8 +133,8 @@ async def abandon(cache: Cache, applied: Applied, *, pass_outbox_id: bool = True
     )
 
 
-async def settle_reversed(cache: Cache, applied: Applied, *, mark_reversed: bool = True) -> bool:
-    return await cache.settle_reversed(
+async def refund_abandoned(cache: Cache, applied: Applied, *, mark_reversed: bool = True) -> bool:
+    return await cache.refund_abandoned(
         wallet_id=applied.wallet_id,
         idempotency_key=applied.key,
         entry_id=applied.entry_id,
@@ -146,11 +143,11 @@ async def settle_reversed(cache: Cache, applied: Applied, *, mark_reversed: bool
     )
 
 
-async def balance_text(cache: Cache, wallet_id: uuid.UUID) -> bytes | None:
+async def balanceas_sent(cache: Cache, wallet_id: uuid.UUID) -> bytes | None:
     return await cache.client.hget(cache.wallet_key(wallet_id), "b")
 
 
-async def pending_text(cache: Cache, wallet_id: uuid.UUID) -> bytes | None:
+async def pendingas_sent(cache: Cache, wallet_id: uuid.UUID) -> bytes | None:
     return await cache.client.hget(cache.wallet_key(wallet_id), "p")
 
 
@@ -231,7 +228,7 @@ async def test_a_full_cycle_creates_keys_in_the_wallets_partition_only(cache: Ca
     assert await abandon(cache, second, pass_outbox_id=False)
     third = await apply(cache, wallet_id, 300, kind="credit")
     assert third.status == "ok"
-    assert await settle_reversed(cache, second)
+    assert await refund_abandoned(cache, second)
     keys = [k.decode() async for k in cache.client.scan_iter(match=f"{cache.prefix}:*")]
     # the wallet, three idempotency records and the outbox; the abandoned hash is empty again
     assert len(keys) == 5
@@ -278,14 +275,14 @@ async def test_credit_waits_in_pending_and_ignores_overdraft(cache: Cache) -> No
     assert applied.reply[0] == "ok"
     assert applied.reply[1] == "60"
     assert applied.reply[3] == "eur"
-    assert await balance_text(cache, wallet_id) == b"-40"
-    assert await pending_text(cache, wallet_id) == b"100"
+    assert await balanceas_sent(cache, wallet_id) == b"-40"
+    assert await pendingas_sent(cache, wallet_id) == b"100"
     stream = await cache.client.xrange(cache.outbox_key(cache.partition(wallet_id)))
     assert stream[-1][1][b"b"] == b"60"
     # A second pending credit reports both.
     again = await apply(cache, wallet_id, 5, kind="credit")
     assert again.reply[1] == "65"
-    assert await pending_text(cache, wallet_id) == b"105"
+    assert await pendingas_sent(cache, wallet_id) == b"105"
 
 
 async def test_a_credit_is_not_spendable_until_settle_committed_moves_it(cache: Cache) -> None:
@@ -305,14 +302,14 @@ async def test_a_credit_is_not_spendable_until_settle_committed_moves_it(cache: 
         "s": "active",
         "c": "usd",
     }
-    # Settling it again moves nothing a second time.
+    # Clearing it again moves nothing a second time.
     assert await settle(cache, credit) == [SETTLED_BEFORE]
-    assert await balance_text(cache, wallet_id) == b"500"
-    assert await pending_text(cache, wallet_id) == b"0"
+    assert await balanceas_sent(cache, wallet_id) == b"500"
+    assert await pendingas_sent(cache, wallet_id) == b"0"
 
     spent = await apply(cache, wallet_id, 500, key="spend")
     assert spent.reply[:2] == ["ok", "0"]
-    assert await balance_text(cache, wallet_id) == b"0"
+    assert await balanceas_sent(cache, wallet_id) == b"0"
 
 
 async def test_a_debit_ignores_pending_credits_in_its_check_and_reply(cache: Cache) -> None:
@@ -322,10 +319,10 @@ async def test_a_debit_ignores_pending_credits_in_its_check_and_reply(cache: Cac
     assert (await apply(cache, wallet_id, 111)).reply == ["insufficient", "100"]
     debit = await apply(cache, wallet_id, 110)
     assert debit.reply[:2] == ["ok", "-10"]
-    # Settling the debit leaves the pending credit alone; settling the credit moves it.
+    # Clearing the debit leaves the pending credit alone; settling the credit moves it.
     assert await settle(cache, debit, credit) == [SETTLED, SETTLED]
-    assert await balance_text(cache, wallet_id) == b"990"
-    assert await pending_text(cache, wallet_id) == b"0"
+    assert await balanceas_sent(cache, wallet_id) == b"990"
+    assert await pendingas_sent(cache, wallet_id) == b"0"
 
 
 async def test_idempotency_record_expires_within_the_ttl(cache: Cache) -> None:
@@ -351,7 +348,7 @@ async def test_same_key_is_in_progress_until_committed_then_replays(cache: Cache
     replay = await apply(cache, wallet_id, 300, key="k", request_hash="h")
     assert replay.reply == ["replay", "700", first.payload.decode(), "usd"]
     # Neither the in-progress answer nor the replay charged again or wrote to the outbox.
-    assert await balance_text(cache, wallet_id) == b"700"
+    assert await balanceas_sent(cache, wallet_id) == b"700"
     assert await outbox_ids(cache, wallet_id) == []
 
 
@@ -361,7 +358,7 @@ async def test_same_key_with_another_request_is_a_conflict(cache: Cache) -> None
     assert (await apply(cache, wallet_id, 300, key="k", request_hash="other")).reply == ["conflict"]
     await settle(cache, first)
     assert (await apply(cache, wallet_id, 301, key="k", request_hash="other")).reply == ["conflict"]
-    assert await balance_text(cache, wallet_id) == b"700"
+    assert await balanceas_sent(cache, wallet_id) == b"700"
     # The key belongs to one wallet: another wallet may use it freely.
     other = await new_wallet(cache, balance_micros=1_000)
     assert (await apply(cache, other, 5, key="k", request_hash="other")).status == "ok"
@@ -447,7 +444,7 @@ async def test_frozen_wallet_refuses_debits_and_writes_nothing(cache: Cache) -> 
     wallet_id = await new_wallet(cache, balance_micros=1_000, status="frozen")
     applied = await apply(cache, wallet_id, 1, key="k")
     assert applied.reply == ["frozen", "1000"]
-    assert await balance_text(cache, wallet_id) == b"1000"
+    assert await balanceas_sent(cache, wallet_id) == b"1000"
     assert await cache.client.exists(cache.idempotency_key(wallet_id, "k")) == 0
     assert await outbox_ids(cache, wallet_id) == []
 
@@ -498,10 +495,10 @@ async def test_debit_may_reach_exactly_the_overdraft_limit_and_not_one_micro_mor
     if balance > floor:
         exact = await apply(cache, wallet_id, balance - floor)
         assert exact.reply[:2] == ["ok", str(floor)]
-    assert await balance_text(cache, wallet_id) == str(floor).encode()
+    assert await balanceas_sent(cache, wallet_id) == str(floor).encode()
     refused = await apply(cache, wallet_id, 1)
     assert refused.reply == ["insufficient", str(floor)]
-    assert await balance_text(cache, wallet_id) == str(floor).encode()
+    assert await balanceas_sent(cache, wallet_id) == str(floor).encode()
 
 
 async def test_balances_are_exact_up_to_the_bound_and_refused_past_it(cache: Cache) -> None:
@@ -517,34 +514,34 @@ async def test_balances_are_exact_up_to_the_bound_and_refused_past_it(cache: Cac
     assert topped.reply[:2] == ["ok", top]
     stream = await cache.client.xrange(cache.outbox_key(cache.partition(wallet_id)))
     assert stream[-1][1][b"b"] == top.encode()
-    assert await pending_text(cache, wallet_id) == top.encode()
+    assert await pendingas_sent(cache, wallet_id) == top.encode()
 
     assert await settle(cache, filled, topped) == [SETTLED, SETTLED]
-    assert await balance_text(cache, wallet_id) == top.encode()
-    assert await pending_text(cache, wallet_id) == b"0"
+    assert await balanceas_sent(cache, wallet_id) == top.encode()
+    assert await pendingas_sent(cache, wallet_id) == b"0"
 
     refused = await apply(cache, wallet_id, 1, kind="credit", key="over")
     assert refused.reply == ["too_large", top]
-    assert await balance_text(cache, wallet_id) == top.encode()
+    assert await balanceas_sent(cache, wallet_id) == top.encode()
     assert await cache.client.exists(cache.idempotency_key(wallet_id, "over")) == 0
 
     # Down by one from the top stays exact (a double would still hold it; a float32 would not).
     down = await apply(cache, wallet_id, 1)
     assert down.reply[:2] == ["ok", str(AMOUNT_MICROS_MAX - 1)]
-    assert await balance_text(cache, wallet_id) == str(AMOUNT_MICROS_MAX - 1).encode()
+    assert await balanceas_sent(cache, wallet_id) == str(AMOUNT_MICROS_MAX - 1).encode()
 
 
 async def test_overdraft_at_the_bound_reaches_minus_max_exactly(cache: Cache) -> None:
     wallet_id = await new_wallet(cache, overdraft_limit_micros=AMOUNT_MICROS_MAX)
     spent = await apply(cache, wallet_id, AMOUNT_MICROS_MAX)
     assert spent.reply[:2] == ["ok", f"-{AMOUNT_MICROS_MAX}"]
-    assert await balance_text(cache, wallet_id) == f"-{AMOUNT_MICROS_MAX}".encode()
+    assert await balanceas_sent(cache, wallet_id) == f"-{AMOUNT_MICROS_MAX}".encode()
     refused = await apply(cache, wallet_id, 1)
     assert refused.reply == ["insufficient", f"-{AMOUNT_MICROS_MAX}"]
     back = await apply(cache, wallet_id, AMOUNT_MICROS_MAX, kind="credit")
     assert back.reply[:2] == ["ok", "0"]
     assert await settle(cache, back) == [SETTLED]
-    assert await balance_text(cache, wallet_id) == b"0"
+    assert await balanceas_sent(cache, wallet_id) == b"0"
 
 
 # compensate.lua --------------------------------------------------------------
@@ -554,17 +551,17 @@ async def test_compensate_refunds_a_debit_once_and_frees_the_key(cache: Cache) -
     wallet_id = await new_wallet(cache, balance_micros=1_000)
     applied = await apply(cache, wallet_id, 300, key="k")
     assert await compensate(cache, applied) is True
-    assert await balance_text(cache, wallet_id) == b"1000"
-    assert await pending_text(cache, wallet_id) == b"0"
+    assert await balanceas_sent(cache, wallet_id) == b"1000"
+    assert await pendingas_sent(cache, wallet_id) == b"0"
     assert await cache.client.exists(cache.idempotency_key(wallet_id, "k")) == 0
     assert applied.outbox_id not in await outbox_ids(cache, wallet_id)
 
     assert await compensate(cache, applied) is False
-    assert await balance_text(cache, wallet_id) == b"1000"
+    assert await balanceas_sent(cache, wallet_id) == b"1000"
 
     # The key is free again: the same request charges anew.
     assert (await apply(cache, wallet_id, 300, key="k")).status == "ok"
-    assert await balance_text(cache, wallet_id) == b"700"
+    assert await balanceas_sent(cache, wallet_id) == b"700"
 
 
 async def test_compensate_undoes_a_credit_from_pending_once(cache: Cache) -> None:
@@ -583,7 +580,7 @@ async def test_compensate_undoes_a_credit_from_pending_once(cache: Cache) -> Non
     assert await outbox_ids(cache, wallet_id) == []
 
     assert await compensate(cache, applied) is False
-    assert await pending_text(cache, wallet_id) == b"0"
+    assert await pendingas_sent(cache, wallet_id) == b"0"
     # Never spendable, never spent: nothing to take back from b.
     assert (await apply(cache, wallet_id, 101)).reply == ["insufficient", "100"]
 
@@ -592,7 +589,7 @@ async def test_compensate_keeps_a_record_that_belongs_to_another_entry(cache: Ca
     wallet_id = await new_wallet(cache, balance_micros=1_000)
     applied = await apply(cache, wallet_id, 300, key="k")
     assert await compensate(cache, applied, entry_id=uuid.uuid4())  # not the record's entry
-    assert await balance_text(cache, wallet_id) == b"1000"
+    assert await balanceas_sent(cache, wallet_id) == b"1000"
     assert (
         await cache.client.hget(cache.idempotency_key(wallet_id, "k"), "id") == str(applied.entry_id).encode()
     )
@@ -634,7 +631,7 @@ async def test_compensate_does_not_recreate_a_deleted_wallet(cache: Cache, kind:
 async def assert_settled_reversed(
     cache: Cache, applied: Applied, *, mark_reversed: bool, request_hash: str = "h"
 ) -> None:
-    """After settle_reversed: no longer abandoned; the key answers `reversed`
+    """After refund_abandoned: no longer abandoned; the key answers `reversed`
     (marked) or is gone (forgotten); a second settle undoes nothing."""
     wallet_id = applied.wallet_id
     assert not await cache.is_abandoned(wallet_id, applied.entry_id)
@@ -652,10 +649,10 @@ async def assert_settled_reversed(
         assert replayed.reply == ["reversed", applied.payload.decode()]
     else:
         assert await cache.client.exists(record_key) == 0
-    assert await settle_reversed(cache, applied, mark_reversed=mark_reversed) is False
+    assert await refund_abandoned(cache, applied, mark_reversed=mark_reversed) is False
 
 
-# abandon.lua and settle_reversed.lua -----------------------------------------
+# abandon.lua and refund_abandoned.lua -----------------------------------------
 
 
 @pytest.mark.parametrize("pass_outbox_id", [True, False])
@@ -675,29 +672,29 @@ async def test_abandon_then_settle_reversed_refunds_once_and_marks_the_key(
     assert held == {"e": applied.payload.decode(), "b": "700", "c": "usd", "w": applied.epoch}
     # Abandoned and not yet settled: still in progress, still charged.
     assert (await apply(cache, wallet_id, 300, key="k", request_hash="h")).reply == ["in_progress"]
-    assert await balance_text(cache, wallet_id) == b"700"
+    assert await balanceas_sent(cache, wallet_id) == b"700"
     # A second abandon finds nothing to take; a commit arriving late learns it was abandoned first.
     assert not await abandon(cache, applied)
     assert await settle(cache, applied) == [ABANDONED_FIRST]
-    assert await balance_text(cache, wallet_id) == b"700"
+    assert await balanceas_sent(cache, wallet_id) == b"700"
 
-    assert await settle_reversed(cache, applied) is True
-    assert await balance_text(cache, wallet_id) == b"1000"
+    assert await refund_abandoned(cache, applied) is True
+    assert await balanceas_sent(cache, wallet_id) == b"1000"
     assert not await cache.is_abandoned(wallet_id, applied.entry_id)
     record_key = cache.idempotency_key(wallet_id, "k")
     assert await cache.client.hget(record_key, "st") == b"reversed"
     assert 0 < await cache.client.ttl(record_key) <= TTL_S  # marking kept the expiry
 
-    assert await settle_reversed(cache, applied) is False
-    assert await balance_text(cache, wallet_id) == b"1000"
+    assert await refund_abandoned(cache, applied) is False
+    assert await balanceas_sent(cache, wallet_id) == b"1000"
 
     replayed = await apply(cache, wallet_id, 300, key="k", request_hash="h")
     assert replayed.reply == ["reversed", applied.payload.decode()]
     assert (await apply(cache, wallet_id, 300, key="k", request_hash="x")).reply == ["conflict"]
-    assert await balance_text(cache, wallet_id) == b"1000"
+    assert await balanceas_sent(cache, wallet_id) == b"1000"
     # Compensating the same charge afterwards cannot refund it a second time.
     assert not await compensate(cache, applied)
-    assert await balance_text(cache, wallet_id) == b"1000"
+    assert await balanceas_sent(cache, wallet_id) == b"1000"
     # Once reversed, a late commit finds it settled before, no longer abandoned.
     assert await settle(cache, applied) == [SETTLED_BEFORE]
 
@@ -706,12 +703,12 @@ async def test_settle_reversed_forget_deletes_the_record_so_the_key_charges_afre
     wallet_id = await new_wallet(cache, balance_micros=1_000)
     applied = await apply(cache, wallet_id, 300, key="k", request_hash="h")
     assert await abandon(cache, applied)
-    assert await settle_reversed(cache, applied, mark_reversed=False) is True
-    assert await balance_text(cache, wallet_id) == b"1000"
+    assert await refund_abandoned(cache, applied, mark_reversed=False) is True
+    assert await balanceas_sent(cache, wallet_id) == b"1000"
     assert await cache.client.exists(cache.idempotency_key(wallet_id, "k")) == 0
     assert not await cache.is_abandoned(wallet_id, applied.entry_id)
-    assert await settle_reversed(cache, applied, mark_reversed=False) is False
-    assert await balance_text(cache, wallet_id) == b"1000"
+    assert await refund_abandoned(cache, applied, mark_reversed=False) is False
+    assert await balanceas_sent(cache, wallet_id) == b"1000"
     # Redis no longer knows the key (the ledger's holder decides at commit).
     assert (await apply(cache, wallet_id, 300, key="k", request_hash="h")).reply[:2] == ["ok", "700"]
 
@@ -728,8 +725,8 @@ async def test_settle_reversed_keeps_a_record_that_belongs_to_another_entry(
     second = await apply(cache, wallet_id, 200, key="k")
     assert second.reply[:2] == ["ok", "500"]
 
-    assert await settle_reversed(cache, first, mark_reversed=mark_reversed) is True
-    assert await balance_text(cache, wallet_id) == b"800"
+    assert await refund_abandoned(cache, first, mark_reversed=mark_reversed) is True
+    assert await balanceas_sent(cache, wallet_id) == b"800"
     record = await cache.client.hgetall(cache.idempotency_key(wallet_id, "k"))
     assert record[b"id"] == str(second.entry_id).encode()
     assert record[b"st"] == b"ok"
@@ -746,7 +743,7 @@ async def test_settle_reversed_does_not_recreate_a_deleted_wallet(
     assert await abandon(cache, applied)
     await cache.client.delete(cache.wallet_key(wallet_id))
 
-    assert await settle_reversed(cache, applied, mark_reversed=mark_reversed) is True
+    assert await refund_abandoned(cache, applied, mark_reversed=mark_reversed) is True
     assert await cache.client.exists(cache.wallet_key(wallet_id)) == 0
     await assert_settled_reversed(cache, applied, mark_reversed=mark_reversed)
     assert await cache.client.exists(cache.wallet_key(wallet_id)) == 0
@@ -769,8 +766,8 @@ async def test_abandon_refuses_unknown_or_settled_entries(cache: Cache) -> None:
     assert not await abandon(cache, applied, pass_outbox_id=False)
     assert await cache.client.hlen(cache.abandoned_key(p)) == 0
     assert not await cache.is_abandoned(wallet_id, applied.entry_id)
-    assert not await settle_reversed(cache, applied)
-    assert await balance_text(cache, wallet_id) == b"700"
+    assert not await refund_abandoned(cache, applied)
+    assert await balanceas_sent(cache, wallet_id) == b"700"
 
 
 async def test_abandoned_credit_is_reversed_out_of_pending(cache: Cache) -> None:
@@ -787,32 +784,32 @@ async def test_abandoned_credit_is_reversed_out_of_pending(cache: Cache) -> None
         "c": "usd",
     }
     assert (await apply(cache, wallet_id, 1)).reply == ["insufficient", "0"]
-    assert await settle_reversed(cache, applied)
+    assert await refund_abandoned(cache, applied)
     assert await wallet_state(cache, wallet_id) == {"b": "0", "p": "0", "o": "0", "s": "active", "c": "usd"}
 
 
-# settle_committed.lua --------------------------------------------------------
+# clear_committed.lua --------------------------------------------------------
 
 
 async def test_settle_committed_removes_each_entry_once_across_partitions(cache: Cache) -> None:
-    by_partition: dict[int, list[Settling]] = {}
+    by_partition: dict[int, list[Clearing]] = {}
     wallets: list[uuid.UUID] = []
     while len(by_partition) < 2:
         wallet_id = await new_wallet(cache, balance_micros=100)
         wallets.append(wallet_id)
         debit = await apply(cache, wallet_id, 1)
         credit = await apply(cache, wallet_id, 10, kind="credit")
-        by_partition.setdefault(cache.partition(wallet_id), []).extend([debit.settling(), credit.settling()])
-    first = await cache.settle_committed(by_partition)
+        by_partition.setdefault(cache.partition(wallet_id), []).extend([debit.clearing(), credit.clearing()])
+    first = await cache.clear_committed(by_partition)
     assert first == {p: [SETTLED] * len(items) for p, items in by_partition.items()}
-    second = await cache.settle_committed(by_partition)
+    second = await cache.clear_committed(by_partition)
     assert second == {p: [SETTLED_BEFORE] * len(items) for p, items in by_partition.items()}
     for p in by_partition:
         assert await cache.client.xlen(cache.outbox_key(p)) == 0
     # Each credit moved once, to its own wallet.
     assert await cache.balances(wallets) == [109] * len(wallets)
     for wallet_id in wallets:
-        assert await pending_text(cache, wallet_id) == b"0"
+        assert await pendingas_sent(cache, wallet_id) == b"0"
 
 
 async def test_settle_committed_reports_per_entry(cache: Cache) -> None:
@@ -821,7 +818,7 @@ async def test_settle_committed_reports_per_entry(cache: Cache) -> None:
     b = await apply(cache, wallet_id, 2)
     assert await settle(cache, a) == [SETTLED]
     assert await settle(cache, a, b) == [SETTLED_BEFORE, SETTLED]
-    assert await cache.settle_committed({}) == {}
+    assert await cache.clear_committed({}) == {}
 
 
 async def test_settle_committed_answers_abandoned_first_and_settled_before(cache: Cache) -> None:
@@ -834,8 +831,8 @@ async def test_settle_committed_answers_abandoned_first_and_settled_before(cache
 
     assert await settle(cache, abandoned, compensated, fresh) == [ABANDONED_FIRST, SETTLED_BEFORE, SETTLED]
     # Only the fresh credit moved to b; the abandoned one waits in p for the sweeper.
-    assert await balance_text(cache, wallet_id) == b"1400"
-    assert await pending_text(cache, wallet_id) == b"100"
+    assert await balanceas_sent(cache, wallet_id) == b"1400"
+    assert await pendingas_sent(cache, wallet_id) == b"100"
     assert await cache.is_abandoned(wallet_id, abandoned.entry_id)
     assert not await cache.is_abandoned(wallet_id, compensated.entry_id)
     assert not await cache.is_abandoned(wallet_id, fresh.entry_id)
@@ -860,8 +857,8 @@ async def test_settling_a_credit_into_a_wallet_reloaded_after_its_commit_counts_
     await cache.client.delete(cache.wallet_key(wallet_id))
     assert await cache.load_wallet(wallet_id, CachedWallet(300, 0, "active", "usd"), overwrite=False)
     assert await settle(cache, credit) == [SETTLED]
-    assert await balance_text(cache, wallet_id) == b"300"
-    assert await pending_text(cache, wallet_id) == b"0"
+    assert await balanceas_sent(cache, wallet_id) == b"300"
+    assert await pendingas_sent(cache, wallet_id) == b"0"
 
 
 # Epochs: charges made before a reload are not undone or settled into it -------
@@ -934,7 +931,7 @@ async def test_compensating_a_charge_made_before_a_reload_leaves_the_reloaded_wa
     assert await outbox_ids(cache, wallet_id) == []
     assert await cache.client.exists(cache.idempotency_key(wallet_id, "k")) == 0
     assert await compensate(cache, applied) is False
-    assert await balance_text(cache, wallet_id) == b"1000"
+    assert await balanceas_sent(cache, wallet_id) == b"1000"
 
     # A charge of the new epoch is undone as usual.
     again = await apply(cache, wallet_id, 300, kind=kind, key="k")
@@ -961,7 +958,7 @@ async def test_settle_reversed_of_a_charge_made_before_a_reload_leaves_the_reloa
     # The sweeper writes the entry and its reversal: the ledger's balance nets to the one before.
     await reload(cache, wallet_id, CachedWallet(1_000, 0, "active", "usd"), how=how)
 
-    assert await settle_reversed(cache, applied, mark_reversed=mark_reversed) is True
+    assert await refund_abandoned(cache, applied, mark_reversed=mark_reversed) is True
     assert await wallet_state(cache, wallet_id) == {
         "b": "1000",
         "p": "0",
@@ -970,8 +967,8 @@ async def test_settle_reversed_of_a_charge_made_before_a_reload_leaves_the_reloa
         "c": "usd",
     }
     await assert_settled_reversed(cache, applied, mark_reversed=mark_reversed)
-    assert await balance_text(cache, wallet_id) == b"1000"
-    assert await pending_text(cache, wallet_id) == b"0"
+    assert await balanceas_sent(cache, wallet_id) == b"1000"
+    assert await pendingas_sent(cache, wallet_id) == b"0"
 
 
 @pytest.mark.parametrize("how", ["overwrite", "lost"])
@@ -982,7 +979,7 @@ async def test_settling_a_credit_charged_before_a_reload_moves_nothing(cache: Ca
     await reload(cache, wallet_id, CachedWallet(300, 0, "active", "usd"), how=how)
     new = await apply(cache, wallet_id, 50, kind="credit")
     assert new.reply[:2] == ["ok", "350"]
-    assert await pending_text(cache, wallet_id) == b"50"
+    assert await pendingas_sent(cache, wallet_id) == b"50"
 
     # One call, two epochs: the old credit moves nothing (and takes nothing of the new one's p).
     assert await settle(cache, old, new) == [SETTLED, SETTLED]
@@ -994,7 +991,7 @@ async def test_settling_a_credit_charged_before_a_reload_moves_nothing(cache: Ca
         "c": "usd",
     }
     assert await settle(cache, old, new) == [SETTLED_BEFORE, SETTLED_BEFORE]
-    assert await balance_text(cache, wallet_id) == b"350"
+    assert await balanceas_sent(cache, wallet_id) == b"350"
 
 
 async def test_settling_the_old_credit_alone_leaves_the_new_pending_credit_in_p(cache: Cache) -> None:
@@ -1003,12 +1000,12 @@ async def test_settling_the_old_credit_alone_leaves_the_new_pending_credit_in_p(
     await reload(cache, wallet_id, CachedWallet(0, 0, "active", "usd"), how="overwrite")
     new = await apply(cache, wallet_id, 500, kind="credit")
     assert await settle(cache, old) == [SETTLED]
-    assert await balance_text(cache, wallet_id) == b"0"
-    assert await pending_text(cache, wallet_id) == b"500"
+    assert await balanceas_sent(cache, wallet_id) == b"0"
+    assert await pendingas_sent(cache, wallet_id) == b"500"
     assert (await apply(cache, wallet_id, 1)).reply == ["insufficient", "0"]
     assert await settle(cache, new) == [SETTLED]
-    assert await balance_text(cache, wallet_id) == b"500"
-    assert await pending_text(cache, wallet_id) == b"0"
+    assert await balanceas_sent(cache, wallet_id) == b"500"
+    assert await pendingas_sent(cache, wallet_id) == b"0"
 
 
 # load_wallet.lua ---------------------------------------------------------------
@@ -1020,7 +1017,7 @@ async def test_load_wallet_loads_if_absent_and_overwrites_only_when_asked(cache:
     first = CachedWallet(500, 10, "active", "usd")
     assert await cache.load_wallet(wallet_id, first, overwrite=False) is True
     assert await cache.wallet(wallet_id) == first
-    assert await pending_text(cache, wallet_id) == b"0"
+    assert await pendingas_sent(cache, wallet_id) == b"0"
     first_epoch = await epoch_of(cache, wallet_id)
 
     credit = await apply(cache, wallet_id, 7, kind="credit")
@@ -1028,7 +1025,7 @@ async def test_load_wallet_loads_if_absent_and_overwrites_only_when_asked(cache:
     second = CachedWallet(-7, 20, "frozen", "usd")
     assert await cache.load_wallet(wallet_id, second, overwrite=False) is False
     assert await cache.wallet(wallet_id) == first
-    assert await pending_text(cache, wallet_id) == b"7"  # a complete hash is left alone
+    assert await pendingas_sent(cache, wallet_id) == b"7"  # a complete hash is left alone
     assert await epoch_of(cache, wallet_id) == first_epoch  # epoch included
 
     assert await cache.load_wallet(wallet_id, second, overwrite=True) is True
@@ -1054,13 +1051,13 @@ async def test_load_wallet_keeps_the_largest_balance_exact(cache: Cache) -> None
     wallet_id = uuid.uuid4()
     exact = CachedWallet(-AMOUNT_MICROS_MAX, AMOUNT_MICROS_MAX, "active", "jpy")
     assert await cache.load_wallet(wallet_id, exact, overwrite=True)
-    assert await balance_text(cache, wallet_id) == f"-{AMOUNT_MICROS_MAX}".encode()
+    assert await balanceas_sent(cache, wallet_id) == f"-{AMOUNT_MICROS_MAX}".encode()
     assert await cache.wallet(wallet_id) == exact
 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="BUG: compensate.lua / settle_reversed.lua refund with an unchecked HINCRBY, so a debit "
+    reason="BUG: compensate.lua / refund_abandoned.lua refund with an unchecked HINCRBY, so a debit "
     "refunded after a credit near the bound leaves the balance above 2**53 - 1",
 )
 async def test_a_refund_never_takes_the_balance_past_the_bound(cache: Cache) -> None:
@@ -1074,5 +1071,5 @@ async def test_a_refund_never_takes_the_balance_past_the_bound(cache: Cache) -> 
     # ...and the credit commits.
     if credit.status == "ok":
         assert await settle(cache, credit) == [SETTLED]
-    balance = int(await balance_text(cache, wallet_id))
+    balance = int(await balanceas_sent(cache, wallet_id))
     assert -AMOUNT_MICROS_MAX <= balance <= AMOUNT_MICROS_MAX

@@ -285,7 +285,7 @@ async def test_credit_waits_in_pending_and_ignores_overdraft(cache: Cache) -> No
     assert await pendingas_sent(cache, wallet_id) == b"105"
 
 
-async def test_a_credit_is_not_spendable_until_settle_committed_moves_it(cache: Cache) -> None:
+async def test_a_credit_is_not_spendable_until_clear_committed_moves_it(cache: Cache) -> None:
     wallet_id = await new_wallet(cache)
     credit = await apply(cache, wallet_id, 500, kind="credit")
     assert credit.reply[:2] == ["ok", "500"]
@@ -699,7 +699,7 @@ async def test_abandon_then_settle_reversed_refunds_once_and_marks_the_key(
     assert await settle(cache, applied) == [SETTLED_BEFORE]
 
 
-async def test_settle_reversed_forget_deletes_the_record_so_the_key_charges_afresh(cache: Cache) -> None:
+async def test_refund_abandoned_forget_deletes_the_record_so_the_key_charges_afresh(cache: Cache) -> None:
     wallet_id = await new_wallet(cache, balance_micros=1_000)
     applied = await apply(cache, wallet_id, 300, key="k", request_hash="h")
     assert await abandon(cache, applied)
@@ -714,7 +714,7 @@ async def test_settle_reversed_forget_deletes_the_record_so_the_key_charges_afre
 
 
 @pytest.mark.parametrize("mark_reversed", [True, False])
-async def test_settle_reversed_keeps_a_record_that_belongs_to_another_entry(
+async def test_refund_abandoned_keeps_a_record_that_belongs_to_another_entry(
     cache: Cache, mark_reversed: bool
 ) -> None:
     wallet_id = await new_wallet(cache, balance_micros=1_000)
@@ -735,7 +735,7 @@ async def test_settle_reversed_keeps_a_record_that_belongs_to_another_entry(
 
 @pytest.mark.parametrize("mark_reversed", [True, False])
 @pytest.mark.parametrize("kind", ["debit", "credit"])
-async def test_settle_reversed_does_not_recreate_a_deleted_wallet(
+async def test_refund_abandoned_does_not_recreate_a_deleted_wallet(
     cache: Cache, kind: str, mark_reversed: bool
 ) -> None:
     wallet_id = await new_wallet(cache, balance_micros=1_000)
@@ -791,7 +791,7 @@ async def test_abandoned_credit_is_reversed_out_of_pending(cache: Cache) -> None
 # clear_committed.lua --------------------------------------------------------
 
 
-async def test_settle_committed_removes_each_entry_once_across_partitions(cache: Cache) -> None:
+async def test_clear_committed_removes_each_entry_once_across_partitions(cache: Cache) -> None:
     by_partition: dict[int, list[Clearing]] = {}
     wallets: list[uuid.UUID] = []
     while len(by_partition) < 2:
@@ -812,7 +812,7 @@ async def test_settle_committed_removes_each_entry_once_across_partitions(cache:
         assert await pendingas_sent(cache, wallet_id) == b"0"
 
 
-async def test_settle_committed_reports_per_entry(cache: Cache) -> None:
+async def test_clear_committed_reports_per_entry(cache: Cache) -> None:
     wallet_id = await new_wallet(cache, balance_micros=100)
     a = await apply(cache, wallet_id, 1)
     b = await apply(cache, wallet_id, 2)
@@ -821,7 +821,7 @@ async def test_settle_committed_reports_per_entry(cache: Cache) -> None:
     assert await cache.clear_committed({}) == {}
 
 
-async def test_settle_committed_answers_abandoned_first_and_settled_before(cache: Cache) -> None:
+async def test_clear_committed_answers_abandoned_first_and_settled_before(cache: Cache) -> None:
     wallet_id = await new_wallet(cache, balance_micros=1_000)
     abandoned = await apply(cache, wallet_id, 100, kind="credit")
     compensated = await apply(cache, wallet_id, 200, kind="credit")
@@ -838,7 +838,7 @@ async def test_settle_committed_answers_abandoned_first_and_settled_before(cache
     assert not await cache.is_abandoned(wallet_id, fresh.entry_id)
 
 
-async def test_settle_committed_does_not_recreate_a_deleted_wallet(cache: Cache) -> None:
+async def test_clear_committed_does_not_recreate_a_deleted_wallet(cache: Cache) -> None:
     wallet_id = await new_wallet(cache)
     credit = await apply(cache, wallet_id, 300, kind="credit")
     await cache.client.delete(cache.wallet_key(wallet_id))
@@ -949,7 +949,7 @@ async def test_compensating_a_charge_made_before_a_reload_leaves_the_reloaded_wa
 @pytest.mark.parametrize("mark_reversed", [True, False])
 @pytest.mark.parametrize("how", ["overwrite", "lost"])
 @pytest.mark.parametrize("kind", ["debit", "credit"])
-async def test_settle_reversed_of_a_charge_made_before_a_reload_leaves_the_reloaded_wallet_alone(
+async def test_refund_abandoned_of_a_charge_made_before_a_reload_leaves_the_reloaded_wallet_alone(
     cache: Cache, kind: str, how: str, mark_reversed: bool
 ) -> None:
     wallet_id = await new_wallet(cache, balance_micros=1_000)

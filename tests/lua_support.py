@@ -3,8 +3,8 @@
 Cache decodes each reply into a typed result (wallet/replies.py); the
 script tests assert the scripts' contract, item by item, on `as_sent`: the
 typed result written back as the script's array of texts. Equal to the raw
-reply only if the decoder kept every item, so these tests check the decoder
-too."""
+reply where the decoder kept every item (all but a reversed key's payload, which
+nothing reads), so these tests check the decoder too."""
 
 from __future__ import annotations
 

@@ -143,11 +143,11 @@ async def refund_abandoned(cache: Cache, applied: Applied, *, mark_reversed: boo
     )
 
 
-async def balanceas_sent(cache: Cache, wallet_id: uuid.UUID) -> bytes | None:
+async def balance_text(cache: Cache, wallet_id: uuid.UUID) -> bytes | None:
     return await cache.client.hget(cache.wallet_key(wallet_id), "b")
 
 
-async def pendingas_sent(cache: Cache, wallet_id: uuid.UUID) -> bytes | None:
+async def pending_text(cache: Cache, wallet_id: uuid.UUID) -> bytes | None:
     return await cache.client.hget(cache.wallet_key(wallet_id), "p")
 
 
@@ -275,14 +275,14 @@ async def test_credit_waits_in_pending_and_ignores_overdraft(cache: Cache) -> No
     assert applied.reply[0] == "ok"
     assert applied.reply[1] == "60"
     assert applied.reply[3] == "eur"
-    assert await balanceas_sent(cache, wallet_id) == b"-40"
-    assert await pendingas_sent(cache, wallet_id) == b"100"
+    assert await balance_text(cache, wallet_id) == b"-40"
+    assert await pending_text(cache, wallet_id) == b"100"
     stream = await cache.client.xrange(cache.outbox_key(cache.partition(wallet_id)))
     assert stream[-1][1][b"b"] == b"60"
     # A second pending credit reports both.
     again = await apply(cache, wallet_id, 5, kind="credit")
     assert again.reply[1] == "65"
-    assert await pendingas_sent(cache, wallet_id) == b"105"
+    assert await pending_text(cache, wallet_id) == b"105"
 
 
 async def test_a_credit_is_not_spendable_until_clear_committed_moves_it(cache: Cache) -> None:
@@ -304,12 +304,12 @@ async def test_a_credit_is_not_spendable_until_clear_committed_moves_it(cache: C
     }
     # Clearing it again moves nothing a second time.
     assert await settle(cache, credit) == [SETTLED_BEFORE]
-    assert await balanceas_sent(cache, wallet_id) == b"500"
-    assert await pendingas_sent(cache, wallet_id) == b"0"
+    assert await balance_text(cache, wallet_id) == b"500"
+    assert await pending_text(cache, wallet_id) == b"0"
 
     spent = await apply(cache, wallet_id, 500, key="spend")
     assert spent.reply[:2] == ["ok", "0"]
-    assert await balanceas_sent(cache, wallet_id) == b"0"
+    assert await balance_text(cache, wallet_id) == b"0"
 
 
 async def test_a_debit_ignores_pending_credits_in_its_check_and_reply(cache: Cache) -> None:
@@ -321,8 +321,8 @@ async def test_a_debit_ignores_pending_credits_in_its_check_and_reply(cache: Cac
     assert debit.reply[:2] == ["ok", "-10"]
     # Clearing the debit leaves the pending credit alone; settling the credit moves it.
     assert await settle(cache, debit, credit) == [SETTLED, SETTLED]
-    assert await balanceas_sent(cache, wallet_id) == b"990"
-    assert await pendingas_sent(cache, wallet_id) == b"0"
+    assert await balance_text(cache, wallet_id) == b"990"
+    assert await pending_text(cache, wallet_id) == b"0"
 
 
 async def test_idempotency_record_expires_within_the_ttl(cache: Cache) -> None:
@@ -348,7 +348,7 @@ async def test_same_key_is_in_progress_until_committed_then_replays(cache: Cache
     replay = await apply(cache, wallet_id, 300, key="k", request_hash="h")
     assert replay.reply == ["replay", "700", first.payload.decode(), "usd"]
     # Neither the in-progress answer nor the replay charged again or wrote to the outbox.
-    assert await balanceas_sent(cache, wallet_id) == b"700"
+    assert await balance_text(cache, wallet_id) == b"700"
     assert await outbox_ids(cache, wallet_id) == []
 
 
@@ -358,7 +358,7 @@ async def test_same_key_with_another_request_is_a_conflict(cache: Cache) -> None
     assert (await apply(cache, wallet_id, 300, key="k", request_hash="other")).reply == ["conflict"]
     await settle(cache, first)
     assert (await apply(cache, wallet_id, 301, key="k", request_hash="other")).reply == ["conflict"]
-    assert await balanceas_sent(cache, wallet_id) == b"700"
+    assert await balance_text(cache, wallet_id) == b"700"
     # The key belongs to one wallet: another wallet may use it freely.
     other = await new_wallet(cache, balance_micros=1_000)
     assert (await apply(cache, other, 5, key="k", request_hash="other")).status == "ok"
@@ -444,7 +444,7 @@ async def test_frozen_wallet_refuses_debits_and_writes_nothing(cache: Cache) -> 
     wallet_id = await new_wallet(cache, balance_micros=1_000, status="frozen")
     applied = await apply(cache, wallet_id, 1, key="k")
     assert applied.reply == ["frozen", "1000"]
-    assert await balanceas_sent(cache, wallet_id) == b"1000"
+    assert await balance_text(cache, wallet_id) == b"1000"
     assert await cache.client.exists(cache.idempotency_key(wallet_id, "k")) == 0
     assert await outbox_ids(cache, wallet_id) == []
 
@@ -495,10 +495,10 @@ async def test_debit_may_reach_exactly_the_overdraft_limit_and_not_one_micro_mor
     if balance > floor:
         exact = await apply(cache, wallet_id, balance - floor)
         assert exact.reply[:2] == ["ok", str(floor)]
-    assert await balanceas_sent(cache, wallet_id) == str(floor).encode()
+    assert await balance_text(cache, wallet_id) == str(floor).encode()
     refused = await apply(cache, wallet_id, 1)
     assert refused.reply == ["insufficient", str(floor)]
-    assert await balanceas_sent(cache, wallet_id) == str(floor).encode()
+    assert await balance_text(cache, wallet_id) == str(floor).encode()
 
 
 async def test_balances_are_exact_up_to_the_bound_and_refused_past_it(cache: Cache) -> None:
@@ -514,34 +514,34 @@ async def test_balances_are_exact_up_to_the_bound_and_refused_past_it(cache: Cac
     assert topped.reply[:2] == ["ok", top]
     stream = await cache.client.xrange(cache.outbox_key(cache.partition(wallet_id)))
     assert stream[-1][1][b"b"] == top.encode()
-    assert await pendingas_sent(cache, wallet_id) == top.encode()
+    assert await pending_text(cache, wallet_id) == top.encode()
 
     assert await settle(cache, filled, topped) == [SETTLED, SETTLED]
-    assert await balanceas_sent(cache, wallet_id) == top.encode()
-    assert await pendingas_sent(cache, wallet_id) == b"0"
+    assert await balance_text(cache, wallet_id) == top.encode()
+    assert await pending_text(cache, wallet_id) == b"0"
 
     refused = await apply(cache, wallet_id, 1, kind="credit", key="over")
     assert refused.reply == ["too_large", top]
-    assert await balanceas_sent(cache, wallet_id) == top.encode()
+    assert await balance_text(cache, wallet_id) == top.encode()
     assert await cache.client.exists(cache.idempotency_key(wallet_id, "over")) == 0
 
     # Down by one from the top stays exact (a double would still hold it; a float32 would not).
     down = await apply(cache, wallet_id, 1)
     assert down.reply[:2] == ["ok", str(AMOUNT_MICROS_MAX - 1)]
-    assert await balanceas_sent(cache, wallet_id) == str(AMOUNT_MICROS_MAX - 1).encode()
+    assert await balance_text(cache, wallet_id) == str(AMOUNT_MICROS_MAX - 1).encode()
 
 
 async def test_overdraft_at_the_bound_reaches_minus_max_exactly(cache: Cache) -> None:
     wallet_id = await new_wallet(cache, overdraft_limit_micros=AMOUNT_MICROS_MAX)
     spent = await apply(cache, wallet_id, AMOUNT_MICROS_MAX)
     assert spent.reply[:2] == ["ok", f"-{AMOUNT_MICROS_MAX}"]
-    assert await balanceas_sent(cache, wallet_id) == f"-{AMOUNT_MICROS_MAX}".encode()
+    assert await balance_text(cache, wallet_id) == f"-{AMOUNT_MICROS_MAX}".encode()
     refused = await apply(cache, wallet_id, 1)
     assert refused.reply == ["insufficient", f"-{AMOUNT_MICROS_MAX}"]
     back = await apply(cache, wallet_id, AMOUNT_MICROS_MAX, kind="credit")
     assert back.reply[:2] == ["ok", "0"]
     assert await settle(cache, back) == [SETTLED]
-    assert await balanceas_sent(cache, wallet_id) == b"0"
+    assert await balance_text(cache, wallet_id) == b"0"
 
 
 # compensate.lua --------------------------------------------------------------
@@ -551,17 +551,17 @@ async def test_compensate_refunds_a_debit_once_and_frees_the_key(cache: Cache) -
     wallet_id = await new_wallet(cache, balance_micros=1_000)
     applied = await apply(cache, wallet_id, 300, key="k")
     assert await compensate(cache, applied) is True
-    assert await balanceas_sent(cache, wallet_id) == b"1000"
-    assert await pendingas_sent(cache, wallet_id) == b"0"
+    assert await balance_text(cache, wallet_id) == b"1000"
+    assert await pending_text(cache, wallet_id) == b"0"
     assert await cache.client.exists(cache.idempotency_key(wallet_id, "k")) == 0
     assert applied.outbox_id not in await outbox_ids(cache, wallet_id)
 
     assert await compensate(cache, applied) is False
-    assert await balanceas_sent(cache, wallet_id) == b"1000"
+    assert await balance_text(cache, wallet_id) == b"1000"
 
     # The key is free again: the same request charges anew.
     assert (await apply(cache, wallet_id, 300, key="k")).status == "ok"
-    assert await balanceas_sent(cache, wallet_id) == b"700"
+    assert await balance_text(cache, wallet_id) == b"700"
 
 
 async def test_compensate_undoes_a_credit_from_pending_once(cache: Cache) -> None:
@@ -580,7 +580,7 @@ async def test_compensate_undoes_a_credit_from_pending_once(cache: Cache) -> Non
     assert await outbox_ids(cache, wallet_id) == []
 
     assert await compensate(cache, applied) is False
-    assert await pendingas_sent(cache, wallet_id) == b"0"
+    assert await pending_text(cache, wallet_id) == b"0"
     # Never spendable, never spent: nothing to take back from b.
     assert (await apply(cache, wallet_id, 101)).reply == ["insufficient", "100"]
 
@@ -589,7 +589,7 @@ async def test_compensate_keeps_a_record_that_belongs_to_another_entry(cache: Ca
     wallet_id = await new_wallet(cache, balance_micros=1_000)
     applied = await apply(cache, wallet_id, 300, key="k")
     assert await compensate(cache, applied, entry_id=uuid.uuid4())  # not the record's entry
-    assert await balanceas_sent(cache, wallet_id) == b"1000"
+    assert await balance_text(cache, wallet_id) == b"1000"
     assert (
         await cache.client.hget(cache.idempotency_key(wallet_id, "k"), "id") == str(applied.entry_id).encode()
     )
@@ -646,7 +646,7 @@ async def assert_settled_reversed(
             key=applied.key,
             request_hash=request_hash,
         )
-        assert replayed.reply == ["reversed", applied.payload.decode()]
+        assert replayed.reply == ["reversed"]  # (apply.lua sends the payload too; nothing reads it)
     else:
         assert await cache.client.exists(record_key) == 0
     assert await refund_abandoned(cache, applied, mark_reversed=mark_reversed) is False
@@ -672,29 +672,29 @@ async def test_abandon_then_settle_reversed_refunds_once_and_marks_the_key(
     assert held == {"e": applied.payload.decode(), "b": "700", "c": "usd", "w": applied.epoch}
     # Abandoned and not yet settled: still in progress, still charged.
     assert (await apply(cache, wallet_id, 300, key="k", request_hash="h")).reply == ["in_progress"]
-    assert await balanceas_sent(cache, wallet_id) == b"700"
+    assert await balance_text(cache, wallet_id) == b"700"
     # A second abandon finds nothing to take; a commit arriving late learns it was abandoned first.
     assert not await abandon(cache, applied)
     assert await settle(cache, applied) == [ABANDONED_FIRST]
-    assert await balanceas_sent(cache, wallet_id) == b"700"
+    assert await balance_text(cache, wallet_id) == b"700"
 
     assert await refund_abandoned(cache, applied) is True
-    assert await balanceas_sent(cache, wallet_id) == b"1000"
+    assert await balance_text(cache, wallet_id) == b"1000"
     assert not await cache.is_abandoned(wallet_id, applied.entry_id)
     record_key = cache.idempotency_key(wallet_id, "k")
     assert await cache.client.hget(record_key, "st") == b"reversed"
     assert 0 < await cache.client.ttl(record_key) <= TTL_S  # marking kept the expiry
 
     assert await refund_abandoned(cache, applied) is False
-    assert await balanceas_sent(cache, wallet_id) == b"1000"
+    assert await balance_text(cache, wallet_id) == b"1000"
 
     replayed = await apply(cache, wallet_id, 300, key="k", request_hash="h")
-    assert replayed.reply == ["reversed", applied.payload.decode()]
+    assert replayed.reply == ["reversed"]  # (apply.lua sends the payload too; nothing reads it)
     assert (await apply(cache, wallet_id, 300, key="k", request_hash="x")).reply == ["conflict"]
-    assert await balanceas_sent(cache, wallet_id) == b"1000"
+    assert await balance_text(cache, wallet_id) == b"1000"
     # Compensating the same charge afterwards cannot refund it a second time.
     assert not await compensate(cache, applied)
-    assert await balanceas_sent(cache, wallet_id) == b"1000"
+    assert await balance_text(cache, wallet_id) == b"1000"
     # Once reversed, a late commit finds it settled before, no longer abandoned.
     assert await settle(cache, applied) == [SETTLED_BEFORE]
 
@@ -704,11 +704,11 @@ async def test_refund_abandoned_forget_deletes_the_record_so_the_key_charges_afr
     applied = await apply(cache, wallet_id, 300, key="k", request_hash="h")
     assert await abandon(cache, applied)
     assert await refund_abandoned(cache, applied, mark_reversed=False) is True
-    assert await balanceas_sent(cache, wallet_id) == b"1000"
+    assert await balance_text(cache, wallet_id) == b"1000"
     assert await cache.client.exists(cache.idempotency_key(wallet_id, "k")) == 0
     assert not await cache.is_abandoned(wallet_id, applied.entry_id)
     assert await refund_abandoned(cache, applied, mark_reversed=False) is False
-    assert await balanceas_sent(cache, wallet_id) == b"1000"
+    assert await balance_text(cache, wallet_id) == b"1000"
     # Redis no longer knows the key (the ledger's holder decides at commit).
     assert (await apply(cache, wallet_id, 300, key="k", request_hash="h")).reply[:2] == ["ok", "700"]
 
@@ -726,7 +726,7 @@ async def test_refund_abandoned_keeps_a_record_that_belongs_to_another_entry(
     assert second.reply[:2] == ["ok", "500"]
 
     assert await refund_abandoned(cache, first, mark_reversed=mark_reversed) is True
-    assert await balanceas_sent(cache, wallet_id) == b"800"
+    assert await balance_text(cache, wallet_id) == b"800"
     record = await cache.client.hgetall(cache.idempotency_key(wallet_id, "k"))
     assert record[b"id"] == str(second.entry_id).encode()
     assert record[b"st"] == b"ok"
@@ -767,7 +767,7 @@ async def test_abandon_refuses_unknown_or_settled_entries(cache: Cache) -> None:
     assert await cache.client.hlen(cache.abandoned_key(p)) == 0
     assert not await cache.is_abandoned(wallet_id, applied.entry_id)
     assert not await refund_abandoned(cache, applied)
-    assert await balanceas_sent(cache, wallet_id) == b"700"
+    assert await balance_text(cache, wallet_id) == b"700"
 
 
 async def test_abandoned_credit_is_reversed_out_of_pending(cache: Cache) -> None:
@@ -809,7 +809,7 @@ async def test_clear_committed_removes_each_entry_once_across_partitions(cache: 
     # Each credit moved once, to its own wallet.
     assert await cache.balances(wallets) == [109] * len(wallets)
     for wallet_id in wallets:
-        assert await pendingas_sent(cache, wallet_id) == b"0"
+        assert await pending_text(cache, wallet_id) == b"0"
 
 
 async def test_clear_committed_reports_per_entry(cache: Cache) -> None:
@@ -831,8 +831,8 @@ async def test_clear_committed_answers_abandoned_first_and_settled_before(cache:
 
     assert await settle(cache, abandoned, compensated, fresh) == [ABANDONED_FIRST, SETTLED_BEFORE, SETTLED]
     # Only the fresh credit moved to b; the abandoned one waits in p for the sweeper.
-    assert await balanceas_sent(cache, wallet_id) == b"1400"
-    assert await pendingas_sent(cache, wallet_id) == b"100"
+    assert await balance_text(cache, wallet_id) == b"1400"
+    assert await pending_text(cache, wallet_id) == b"100"
     assert await cache.is_abandoned(wallet_id, abandoned.entry_id)
     assert not await cache.is_abandoned(wallet_id, compensated.entry_id)
     assert not await cache.is_abandoned(wallet_id, fresh.entry_id)
@@ -857,8 +857,8 @@ async def test_settling_a_credit_into_a_wallet_reloaded_after_its_commit_counts_
     await cache.client.delete(cache.wallet_key(wallet_id))
     assert await cache.load_wallet(wallet_id, CachedWallet(300, 0, "active", "usd"), overwrite=False)
     assert await settle(cache, credit) == [SETTLED]
-    assert await balanceas_sent(cache, wallet_id) == b"300"
-    assert await pendingas_sent(cache, wallet_id) == b"0"
+    assert await balance_text(cache, wallet_id) == b"300"
+    assert await pending_text(cache, wallet_id) == b"0"
 
 
 # Epochs: charges made before a reload are not undone or settled into it -------
@@ -931,7 +931,7 @@ async def test_compensating_a_charge_made_before_a_reload_leaves_the_reloaded_wa
     assert await outbox_ids(cache, wallet_id) == []
     assert await cache.client.exists(cache.idempotency_key(wallet_id, "k")) == 0
     assert await compensate(cache, applied) is False
-    assert await balanceas_sent(cache, wallet_id) == b"1000"
+    assert await balance_text(cache, wallet_id) == b"1000"
 
     # A charge of the new epoch is undone as usual.
     again = await apply(cache, wallet_id, 300, kind=kind, key="k")
@@ -967,8 +967,8 @@ async def test_refund_abandoned_of_a_charge_made_before_a_reload_leaves_the_relo
         "c": "usd",
     }
     await assert_settled_reversed(cache, applied, mark_reversed=mark_reversed)
-    assert await balanceas_sent(cache, wallet_id) == b"1000"
-    assert await pendingas_sent(cache, wallet_id) == b"0"
+    assert await balance_text(cache, wallet_id) == b"1000"
+    assert await pending_text(cache, wallet_id) == b"0"
 
 
 @pytest.mark.parametrize("how", ["overwrite", "lost"])
@@ -979,7 +979,7 @@ async def test_settling_a_credit_charged_before_a_reload_moves_nothing(cache: Ca
     await reload(cache, wallet_id, CachedWallet(300, 0, "active", "usd"), how=how)
     new = await apply(cache, wallet_id, 50, kind="credit")
     assert new.reply[:2] == ["ok", "350"]
-    assert await pendingas_sent(cache, wallet_id) == b"50"
+    assert await pending_text(cache, wallet_id) == b"50"
 
     # One call, two epochs: the old credit moves nothing (and takes nothing of the new one's p).
     assert await settle(cache, old, new) == [SETTLED, SETTLED]
@@ -991,7 +991,7 @@ async def test_settling_a_credit_charged_before_a_reload_moves_nothing(cache: Ca
         "c": "usd",
     }
     assert await settle(cache, old, new) == [SETTLED_BEFORE, SETTLED_BEFORE]
-    assert await balanceas_sent(cache, wallet_id) == b"350"
+    assert await balance_text(cache, wallet_id) == b"350"
 
 
 async def test_settling_the_old_credit_alone_leaves_the_new_pending_credit_in_p(cache: Cache) -> None:
@@ -1000,12 +1000,12 @@ async def test_settling_the_old_credit_alone_leaves_the_new_pending_credit_in_p(
     await reload(cache, wallet_id, CachedWallet(0, 0, "active", "usd"), how="overwrite")
     new = await apply(cache, wallet_id, 500, kind="credit")
     assert await settle(cache, old) == [SETTLED]
-    assert await balanceas_sent(cache, wallet_id) == b"0"
-    assert await pendingas_sent(cache, wallet_id) == b"500"
+    assert await balance_text(cache, wallet_id) == b"0"
+    assert await pending_text(cache, wallet_id) == b"500"
     assert (await apply(cache, wallet_id, 1)).reply == ["insufficient", "0"]
     assert await settle(cache, new) == [SETTLED]
-    assert await balanceas_sent(cache, wallet_id) == b"500"
-    assert await pendingas_sent(cache, wallet_id) == b"0"
+    assert await balance_text(cache, wallet_id) == b"500"
+    assert await pending_text(cache, wallet_id) == b"0"
 
 
 # load_wallet.lua ---------------------------------------------------------------
@@ -1017,7 +1017,7 @@ async def test_load_wallet_loads_if_absent_and_overwrites_only_when_asked(cache:
     first = CachedWallet(500, 10, "active", "usd")
     assert await cache.load_wallet(wallet_id, first, overwrite=False) is True
     assert await cache.wallet(wallet_id) == first
-    assert await pendingas_sent(cache, wallet_id) == b"0"
+    assert await pending_text(cache, wallet_id) == b"0"
     first_epoch = await epoch_of(cache, wallet_id)
 
     credit = await apply(cache, wallet_id, 7, kind="credit")
@@ -1025,7 +1025,7 @@ async def test_load_wallet_loads_if_absent_and_overwrites_only_when_asked(cache:
     second = CachedWallet(-7, 20, "frozen", "usd")
     assert await cache.load_wallet(wallet_id, second, overwrite=False) is False
     assert await cache.wallet(wallet_id) == first
-    assert await pendingas_sent(cache, wallet_id) == b"7"  # a complete hash is left alone
+    assert await pending_text(cache, wallet_id) == b"7"  # a complete hash is left alone
     assert await epoch_of(cache, wallet_id) == first_epoch  # epoch included
 
     assert await cache.load_wallet(wallet_id, second, overwrite=True) is True
@@ -1051,7 +1051,7 @@ async def test_load_wallet_keeps_the_largest_balance_exact(cache: Cache) -> None
     wallet_id = uuid.uuid4()
     exact = CachedWallet(-AMOUNT_MICROS_MAX, AMOUNT_MICROS_MAX, "active", "jpy")
     assert await cache.load_wallet(wallet_id, exact, overwrite=True)
-    assert await balanceas_sent(cache, wallet_id) == f"-{AMOUNT_MICROS_MAX}".encode()
+    assert await balance_text(cache, wallet_id) == f"-{AMOUNT_MICROS_MAX}".encode()
     assert await cache.wallet(wallet_id) == exact
 
 
@@ -1071,5 +1071,5 @@ async def test_a_refund_never_takes_the_balance_past_the_bound(cache: Cache) -> 
     # ...and the credit commits.
     if credit.status == "ok":
         assert await settle(cache, credit) == [SETTLED]
-    balance = int(await balanceas_sent(cache, wallet_id))
+    balance = int(await balance_text(cache, wallet_id))
     assert -AMOUNT_MICROS_MAX <= balance <= AMOUNT_MICROS_MAX

@@ -32,7 +32,7 @@ from centime.sql import load_queries
 from ledger.accounts import debit_lines
 from ledger.ids import uuid7
 from ledger.schemas import EntryRecord
-from ledger.writer import Committed, LedgerWriter
+from ledger.writer import Committed, LedgerWriter, Outcome
 from wallet.cache import Cache
 from wallet.maintenance import check
 
@@ -315,7 +315,7 @@ async def ledger_writer(
 ) -> tuple[Load, list[EntryRecord]]:
     """Entries/s that the group-commit writer commits, with LEDGER_IN_FLIGHT_MAX
     entries submitted at any time, for `seconds`."""
-    writer = LedgerWriter(
+    writer: LedgerWriter[Outcome] = LedgerWriter(
         lambda: asyncpg.connect(database_url, timeout=10),
         batch_entries_max=batch_entries_max,
         connections=connections,
@@ -340,10 +340,10 @@ async def ledger_writer(
     # Only the futures still pending are kept (a server keeps none): a list of
     # every future of the run would have the collector walk hundreds of
     # thousands of them, a cost of this harness, not of the writer.
-    pending: set[asyncio.Future[object]] = set()
+    pending: set[asyncio.Future[Outcome]] = set()
     n = 0
 
-    def settled(entry: EntryRecord, submitted: float, future: asyncio.Future[object]) -> None:
+    def done(entry: EntryRecord, submitted: float, future: asyncio.Future[Outcome]) -> None:
         nonlocal failed, in_flight
         pending.discard(future)
         in_flight -= 1
@@ -364,7 +364,7 @@ async def ledger_writer(
             n += 1
             future = writer.submit(entry)
             submitted = loop.time()
-            future.add_done_callback(lambda f, e=entry, t=submitted: settled(e, t, f))
+            future.add_done_callback(lambda f, e=entry, t=submitted: done(e, t, f))
             pending.add(future)
         await asyncio.gather(*pending, return_exceptions=True)
     finally:

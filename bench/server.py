@@ -24,9 +24,10 @@ from centime.sql import load_queries
 from centime.wire import decode_body
 from ledger.ids import uuid7
 from wallet.api import IdempotencyKey
+from wallet.charges import request_hash
 from wallet.errors import InsufficientFunds
 from wallet.schemas import CreateDebit
-from wallet.service import parse_wallet_id, request_hash
+from wallet.service import parse_wallet_id
 
 Q = load_queries("bench")
 FLOOR_BODY = b'{"ok":true}'

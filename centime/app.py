@@ -65,6 +65,7 @@ from wallet.holds import Holds
 from wallet.service import Wallets
 from wallet.sweeper import SweepReport, run_sweeper
 from wallet.tick_client import TickClient
+from wallet.write_through import CommitResult
 
 log = logging.getLogger("centime")
 PROBLEM_JSON = "application/problem+json"
@@ -343,23 +344,18 @@ async def _open_stores(settings: Settings, stack: contextlib.AsyncExitStack) -> 
     return pool, cache
 
 
-def _ledger_writer(settings: Settings, wallets: list[Wallets]) -> LedgerWriter:
-    """The group-commit writer; its after-commit hook is the Wallets made
-    with it (`wallets`, filled once they exist)."""
+def _ledger_writer(settings: Settings) -> LedgerWriter[CommitResult]:
+    """The group-commit writer, not started: its after-commit step is the
+    wallet service's, given at start()."""
     assert settings.database_url is not None
     database_url = settings.database_url
     timeout_s = settings.database_timeout_ms / 1000
-
-    async def after_commit(entries, outcomes):  # type: ignore[no-untyped-def]
-        return await wallets[0].after_commit(entries, outcomes)
-
     return LedgerWriter(
         lambda: asyncpg.connect(database_url, timeout=timeout_s, command_timeout=timeout_s),
         batch_entries_max=settings.commit_batch_entries_max,
         connections=settings.commit_connections,
         timeout_s=timeout_s,
         queue_wait_max_s=settings.commit_timeout_ms / 1000,
-        after_commit=after_commit,
         observe_batch=metrics.commit_batch_entries.observe,
     )
 
@@ -390,10 +386,8 @@ async def _compose(app: Litestar, settings: Settings, stack: contextlib.AsyncExi
     background work; `stack` undoes it all, last first."""
     pool, cache = await _open_stores(settings, stack)
     timeout_s = settings.database_timeout_ms / 1000
-    made: list[Wallets] = []
-    writer = _ledger_writer(settings, made)
+    writer = _ledger_writer(settings)
     wallets = Wallets(pool=pool, cache=cache, writer=writer, settings=settings)
-    made.append(wallets)
     gateway = stripe_gateway(settings)
     if gateway is not None:
         stack.push_async_callback(gateway.close)
@@ -413,7 +407,7 @@ async def _compose(app: Litestar, settings: Settings, stack: contextlib.AsyncExi
         key_store=key_store,
         metrics_token=settings.metrics_token,
     )
-    writer.start()
+    writer.start(after_commit=wallets.after_commit)
     stack.push_async_callback(writer.stop)
     stack.push_async_callback(key_store.close)
     # What exists now lives as long as the process: out of the collector's

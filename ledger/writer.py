@@ -21,6 +21,7 @@ import logging
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
 
 import asyncpg
 import msgspec
@@ -145,10 +146,23 @@ async def write_with_reversal(conn: asyncpg.Connection, entry: EntryRecord, *, t
     return outcome
 
 
-AfterCommit = Callable[[Sequence[EntryRecord], list[Outcome]], Awaitable[list[object]]]
+ResultT = TypeVar("ResultT")
+"""What a writer's futures resolve to: its after-commit step's result per
+entry (the wallet's: an Outcome, or AbandonedFirst), else the Outcome."""
+
+AfterCommit = Callable[[Sequence[EntryRecord], list[Outcome]], Awaitable[list[ResultT]]]
+"""Run once a batch committed, before its futures resolve: given the entries
+and their outcomes, it returns each entry's result, in order. If it raises,
+the futures get the outcomes (the entries are committed)."""
+
+_Queued = tuple[EntryRecord, asyncio.Future[Outcome | ResultT]]
+"""An entry waiting in a batch, with the future its caller awaits."""
 
 
-class LedgerWriter:
+class LedgerWriter(Generic[ResultT]):
+    """Group commit over `connections` connections. Started with its
+    after-commit step (start()), which its futures' results come from."""
+
     def __init__(
         self,
         connect: Callable[[], Awaitable[asyncpg.Connection]],
@@ -157,7 +171,6 @@ class LedgerWriter:
         connections: int,
         timeout_s: float,
         queue_wait_max_s: float | None = None,
-        after_commit: AfterCommit | None = None,
         observe_batch: Callable[[int], None] | None = None,
     ) -> None:
         self._connect = connect
@@ -167,15 +180,18 @@ class LedgerWriter:
         # When the oldest waiting entry has waited this long, its request is
         # about to time out anyway: refuse new entries at once instead.
         self._queue_wait_max_s = queue_wait_max_s if queue_wait_max_s is not None else timeout_s
-        self._after_commit = after_commit
+        self._after_commit: AfterCommit[ResultT] | None = None
         self._observe_batch = observe_batch
         # (entry, its future, when queued, how many entries from here on must
         # share one statement: a submit_many group; 0 inside a group).
-        self._queue: deque[tuple[EntryRecord, asyncio.Future[object], float, int]] = deque()
+        self._queue: deque[tuple[EntryRecord, asyncio.Future[Outcome | ResultT], float, int]] = deque()
         self._ready = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
 
-    def start(self) -> None:
+    def start(self, *, after_commit: AfterCommit[ResultT] | None = None) -> None:
+        """Start the workers; each committed batch goes through `after_commit`."""
+        invariant(not self._workers, "the ledger writer is started already")
+        self._after_commit = after_commit
         self._workers = [
             asyncio.create_task(self._work(), name=f"ledger-writer-{n}") for n in range(self._connections)
         ]
@@ -190,13 +206,13 @@ class LedgerWriter:
             if not future.done():
                 future.set_exception(CommitFailed("the ledger writer stopped", definite=True))
 
-    def submit(self, entry: EntryRecord) -> asyncio.Future[object]:
+    def submit(self, entry: EntryRecord) -> asyncio.Future[Outcome | ResultT]:
         """Queue an entry for the next batch. Refuses (nothing sent) when the
         queue is full or so slow that the request would time out anyway."""
         (future,) = self.submit_many([entry])
         return future
 
-    def submit_many(self, entries: Sequence[EntryRecord]) -> list[asyncio.Future[object]]:
+    def submit_many(self, entries: Sequence[EntryRecord]) -> list[asyncio.Future[Outcome | ResultT]]:
         """Queue entries that must share one statement (a batch request's
         debits: one group commit). Each still gets its own outcome."""
         invariant(
@@ -209,9 +225,9 @@ class LedgerWriter:
         now = loop.time()
         if self._queue and now - self._queue[0][2] > self._queue_wait_max_s:
             raise QueueFull("the ledger is not keeping up")
-        futures: list[asyncio.Future[object]] = []
+        futures: list[asyncio.Future[Outcome | ResultT]] = []
         for n, entry in enumerate(entries):
-            future: asyncio.Future[object] = loop.create_future()
+            future: asyncio.Future[Outcome | ResultT] = loop.create_future()
             self._queue.append((entry, future, now, len(entries) if n == 0 else 0))
             futures.append(future)
         self._ready.set()
@@ -221,10 +237,10 @@ class LedgerWriter:
     def queued(self) -> int:
         return len(self._queue)
 
-    async def _next_batch(self) -> list[tuple[EntryRecord, asyncio.Future[object]]]:
+    async def _next_batch(self) -> list[_Queued[ResultT]]:
         """The entries waiting now, up to the batch bound. Entries whose
         request gave up (cancelled future) are dropped: never written."""
-        batch: list[tuple[EntryRecord, asyncio.Future[object]]] = []
+        batch: list[_Queued[ResultT]] = []
         while not batch:
             while not self._queue:
                 self._ready.clear()
@@ -247,7 +263,7 @@ class LedgerWriter:
 
     async def _work(self) -> None:
         conn: asyncpg.Connection | None = None
-        batch: list[tuple[EntryRecord, asyncio.Future[object]]] = []
+        batch: list[_Queued[ResultT]] = []
         try:
             while True:
                 batch = await self._next_batch()
@@ -269,7 +285,7 @@ class LedgerWriter:
                 conn.terminate()
 
     async def _write(
-        self, conn: asyncpg.Connection, batch: list[tuple[EntryRecord, asyncio.Future[object]]]
+        self, conn: asyncpg.Connection, batch: list[_Queued[ResultT]]
     ) -> asyncpg.Connection | None:
         """Write one batch and settle its futures. Returns the connection, or
         None when it can no longer be trusted."""
@@ -303,7 +319,7 @@ class LedgerWriter:
             return conn
         if self._observe_batch is not None:
             self._observe_batch(len(batch))
-        results: list[object] = list(outcomes)
+        results: list[Outcome] | list[ResultT] = outcomes
         if self._after_commit is not None:
             try:
                 results = await self._after_commit(entries, outcomes)
@@ -315,7 +331,7 @@ class LedgerWriter:
         return conn
 
 
-def _fail(batch: Sequence[tuple[EntryRecord, asyncio.Future[object]]], exc: CommitFailed) -> None:
+def _fail(batch: Sequence[_Queued[ResultT]], exc: CommitFailed) -> None:
     for _, future in batch:
         if not future.done():
             future.set_exception(exc)

@@ -20,6 +20,16 @@ from redis.commands.core import AsyncScript
 from centime.errors import invariant
 from centime.money import AMOUNT_MICROS_MAX
 from ledger.ids import uuid7
+from wallet.replies import (
+    ApplyReply,
+    CaptureReply,
+    EndHoldReply,
+    HoldReply,
+    apply_reply,
+    capture_reply,
+    end_hold_reply,
+    hold_reply,
+)
 from wallet.schemas import CachedWallet, WalletChange
 from wallet.tick_client import Script, TickClient
 
@@ -30,8 +40,8 @@ SCRIPTS = (
     "end_hold",
     "compensate",
     "abandon",
-    "settle_committed",
-    "settle_reversed",
+    "clear_committed",
+    "refund_abandoned",
     "load_wallet",
     "restore_key",
     "undo_reversed",
@@ -63,7 +73,7 @@ class Undo(msgspec.Struct, frozen=True, gc=False):
     epoch: str
 
 
-class Settling(msgspec.Struct, frozen=True, gc=False):
+class Clearing(msgspec.Struct, frozen=True, gc=False):
     """A committed entry to settle in Redis."""
 
     outbox_id: str
@@ -126,7 +136,7 @@ class Cache:
         self.client = client
         self.prefix = prefix
         self.partition_count = partition_count
-        # The debit path's two calls (apply, settle_committed) go through the
+        # The debit path's two calls (apply, clear_committed) go through the
         # tick client when there is one (wallet/tick_client.py); all else
         # through redis-py.
         self.tick = tick
@@ -138,7 +148,7 @@ class Cache:
             name: client.register_script(text) for name, text in texts.items()
         }
         self._tick_apply = Script(texts["apply"])
-        self._tick_settle = Script(texts["settle_committed"])
+        self._tick_settle = Script(texts["clear_committed"])
         # Key prefixes of each partition, formatted once: the debit path names several keys per call.
         self._tags = [f"{prefix}:{{p{partition}}}" for partition in range(partition_count)]
 
@@ -206,12 +216,14 @@ class Cache:
         payload: bytes,
         idempotency_key: str,
         ttl_s: int,
-    ) -> list[Any]:
+    ) -> ApplyReply:
         item = ApplyItem(wallet_id, kind, amount_micros, request_hash, entry_id, payload, idempotency_key)
         (reply,) = await self.apply_items(self.partition(wallet_id), [item], ttl_s=ttl_s)
         return reply
 
-    async def apply_items(self, partition: int, items: Sequence[ApplyItem], *, ttl_s: int) -> list[list[Any]]:
+    async def apply_items(
+        self, partition: int, items: Sequence[ApplyItem], *, ttl_s: int
+    ) -> list[ApplyReply]:
         """Debit or credit wallets of one partition in one script call; a
         reply per item (apply.lua)."""
         keys = [self.outbox_key(partition), self.abandoned_key(partition)]
@@ -226,8 +238,10 @@ class Cache:
             keys += [_wallet_key(tag, wallet), _idempotency_key(tag, wallet, item.idempotency_key)]
             args += [item.kind, str(item.amount_micros), item.request_hash, str(item.entry_id), item.payload]
         if self.tick is not None:
-            return await self.tick.evalsha(self._tick_apply, keys, args)
-        return await self._run("apply", keys, args)
+            replies = await self.tick.evalsha(self._tick_apply, keys, args)
+        else:
+            replies = await self._run("apply", keys, args)
+        return [apply_reply(reply) for reply in replies]
 
     # Holds -------------------------------------------------------------------
 
@@ -243,7 +257,7 @@ class Cache:
         idempotency_key: str,
         ttl_s: int,
         holds_max: int,
-    ) -> list[Any]:
+    ) -> HoldReply:
         """Reserve an amount (hold.lua), unless the wallet has `holds_max` active holds."""
         p = self.partition(wallet_id)
         invariant(self.hold_partition(hold_id) == p, f"hold {hold_id} is not in its wallet's partition")
@@ -265,7 +279,7 @@ class Cache:
             AMOUNT_MICROS_MAX,
             holds_max,
         ]
-        return await self._run("hold", keys, args)
+        return hold_reply(await self._run("hold", keys, args))
 
     async def capture(
         self,
@@ -278,7 +292,7 @@ class Cache:
         payload_tail: bytes,
         idempotency_key: str,
         ttl_s: int,
-    ) -> list[Any]:
+    ) -> CaptureReply:
         p = self.partition(wallet_id)
         keys = [
             self.hold_key(hold_id),
@@ -299,9 +313,9 @@ class Cache:
             ttl_s,
             AMOUNT_MICROS_MAX,
         ]
-        return await self._run("capture", keys, args)
+        return capture_reply(await self._run("capture", keys, args))
 
-    async def end_hold(self, hold_id: uuid.UUID, wallet_id: uuid.UUID, status: str) -> list[Any]:
+    async def end_hold(self, hold_id: uuid.UUID, wallet_id: uuid.UUID, status: str) -> EndHoldReply:
         """Release or expire a hold (end_hold.lua)."""
         p = self.partition(wallet_id)
         keys = [
@@ -310,7 +324,7 @@ class Cache:
             self.hold_expiry_key(p),
             self.hold_events_key(p),
         ]
-        return await self._run("end_hold", keys, [str(hold_id), str(wallet_id), status])
+        return end_hold_reply(await self._run("end_hold", keys, [str(hold_id), str(wallet_id), status]))
 
     async def hold_state(self, hold_id: uuid.UUID) -> HoldState | None:
         fields = await self.client.hmget(
@@ -401,7 +415,7 @@ class Cache:
     async def is_abandoned(self, wallet_id: uuid.UUID, entry_id: uuid.UUID) -> bool:
         return bool(await self.client.hexists(self.abandoned_key(self.partition(wallet_id)), str(entry_id)))
 
-    async def settle_committed(self, committed: dict[int, list[Settling]]) -> dict[int, list[int]]:
+    async def clear_committed(self, committed: dict[int, list[Clearing]]) -> dict[int, list[int]]:
         """Settle committed entries, one script call per partition, all in one
         round trip. Per entry: 1 settled now, 2 abandoned first, 0 settled before."""
         calls: list[tuple[list[str], list[str]]] = []
@@ -415,14 +429,14 @@ class Cache:
         if self.tick is not None:
             replies = await self.tick.evalsha_many(self._tick_settle, calls)
         else:
-            script = self._scripts["settle_committed"]
+            script = self._scripts["clear_committed"]
             async with self.client.pipeline(transaction=False) as pipe:
                 for keys, args in calls:
                     await script(keys=keys, args=args, client=pipe)
                 replies = await pipe.execute()
         return {p: [int(flag) for flag in reply] for p, reply in zip(committed, replies, strict=True)}
 
-    async def settle_reversed(
+    async def refund_abandoned(
         self,
         *,
         wallet_id: uuid.UUID,
@@ -444,7 +458,7 @@ class Cache:
             "reversed" if mark_reversed else "forget",
             undo.epoch,
         ]
-        return await self._run("settle_reversed", keys, args) == 1
+        return await self._run("refund_abandoned", keys, args) == 1
 
     async def load_wallet(self, wallet_id: uuid.UUID, wallet: CachedWallet, *, overwrite: bool) -> bool:
         """True if written. False if the wallet was there (not overwriting),
@@ -473,9 +487,9 @@ class Cache:
         result = await self._run("apply_changes", [self.wallet_key(wallet_id)], args)
         return None if result[0] == b"missing" else (int(result[2]), int(result[1]))
 
-    async def undo_reversed(self, *, idempotency_key: str, settling: Settling, undo: Undo) -> bool:
+    async def undo_reversed(self, *, idempotency_key: str, clearing: Clearing, undo: Undo) -> bool:
         """Undo a charge the ledger has reversed, wherever it stands in Redis."""
-        wallet_id = settling.wallet_id
+        wallet_id = clearing.wallet_id
         p = self.partition(wallet_id)
         keys = [
             self.wallet_key(wallet_id),
@@ -484,12 +498,12 @@ class Cache:
             self.abandoned_key(p),
         ]
         args = [
-            settling.outbox_id,
-            str(settling.entry_id),
+            clearing.outbox_id,
+            str(clearing.entry_id),
             undo.field,
             str(undo.delta_micros),
             undo.epoch,
-            str(settling.credit_micros),
+            str(clearing.credit_micros),
         ]
         return await self._run("undo_reversed", keys, args) == 1
 

@@ -23,6 +23,15 @@ from ledger import repo as ledger_repo
 from ledger.ids import uuid7
 from wallet import repo
 from wallet.cache import Cache, HoldState, new_hold_id
+from wallet.charges import (
+    RESERVED_KEY_PREFIX,
+    PendingCharge,
+    encode_payload,
+    record_from_payload,
+    replayed_entry,
+    request_hash,
+    to_entry,
+)
 from wallet.errors import (
     CaptureReversed,
     HoldEnded,
@@ -34,17 +43,19 @@ from wallet.errors import (
     WalletFrozen,
 )
 from wallet.owners import OwnerIds
-from wallet.schemas import Capture, Entry, EntryPayload, Hold, HoldPayload
-from wallet.service import (
-    RESERVED_KEY_PREFIX,
-    Charge,
-    Wallets,
-    decode_payload,
-    encode_payload,
-    record_from_payload,
-    request_hash,
-    to_entry,
+from wallet.replies import (
+    AlreadyEnded,
+    Captured,
+    CaptureReplayed,
+    EndedNow,
+    Held,
+    HoldReplayed,
+    Missing,
+    NoSuchHold,
+    Replayed,
 )
+from wallet.schemas import Capture, Entry, EntryPayload, Hold, HoldPayload
+from wallet.service import Wallets
 
 log = logging.getLogger(__name__)
 
@@ -195,10 +206,10 @@ async def expire_due(cache: Cache, *, now_ms: int, budget: int) -> int:
         if expired >= budget:
             break
         for hold_id, wallet_id in await cache.due_holds(partition, now_ms=now_ms, count=budget - expired):
-            result = await cache.end_hold(hold_id, wallet_id, "expired")
-            if result[0] == b"ok":
+            ended = await cache.end_hold(hold_id, wallet_id, "expired")
+            if isinstance(ended, EndedNow):
                 expired += 1
-            elif result[0] == b"not_found":
+            elif isinstance(ended, NoSuchHold):
                 # Its hash is gone (flushed): nothing holds the amount any more.
                 await cache.client.zrem(cache.hold_expiry_key(partition), f"{hold_id}:{wallet_id}")
     return expired
@@ -238,7 +249,7 @@ class Holds:
             created_at=datetime.now(UTC),
         )
         for _attempt in range(2):  # the second only after loading a wallet missing from Redis
-            result = await self.cache.hold(
+            reply = await self.cache.hold(
                 hold_id=payload.id,
                 wallet_id=wallet_id,
                 amount_micros=amount_micros,
@@ -249,36 +260,33 @@ class Holds:
                 ttl_s=self.settings.idempotency_ttl_s,
                 holds_max=self.settings.holds_per_wallet_max,
             )
-            status = result[0].decode()
-            if status == "ok":
-                await self._record(wallet_id, result[3].decode())
+            if isinstance(reply, Held):
+                await self._record(wallet_id, reply.event_id)
                 return await self._hold(payload.id), False
-            if status == "replay":
-                return await self._hold(uuid.UUID(result[1].decode())), True
-            if status == "missing":
+            if isinstance(reply, HoldReplayed):
+                return await self._hold(reply.hold_id), True
+            if isinstance(reply, Missing):
                 await self.wallets.load_missing(wallet_id)
                 continue
-            if status == "conflict":
+            if reply.reason == "conflict":
                 raise IdempotencyConflict(
                     f"idempotency key {idempotency_key!r} was used with another request"
                 )
-            if status == "frozen":
-                raise WalletFrozen(f"wallet {wallet_id} is frozen", balance_micros=int(result[1]))
-            if status == "too_many":
+            if reply.reason == "frozen":
+                raise WalletFrozen(f"wallet {wallet_id} is frozen", balance_micros=reply.balance_micros)
+            if reply.reason == "too_many":
                 bound = self.settings.holds_per_wallet_max
                 raise TooManyHolds(
-                    f"wallet {wallet_id} has {int(result[1])} active holds, the most it may have "
+                    f"wallet {wallet_id} has {reply.count} active holds, the most it may have "
                     f"(CENTIME_HOLDS_PER_WALLET_MAX={bound}); capture or release one first",
                     holds_per_wallet_max=bound,
                 )
-            if status == "insufficient":
-                balance, held = int(result[1]), int(result[2])
-                raise InsufficientFunds(
-                    f"balance {balance} micros, of which {held} held, cannot cover a hold of {amount_micros} micros",
-                    balance_micros=balance,
-                    held_micros=held,
-                )
-            raise Unavailable(f"unexpected answer {status!r} from the balance store")
+            balance, held = reply.balance_micros, reply.count or 0  # insufficient
+            raise InsufficientFunds(
+                f"balance {balance} micros, of which {held} held, cannot cover a hold of {amount_micros} micros",
+                balance_micros=balance,
+                held_micros=held,
+            )
         raise Unavailable(f"wallet {wallet_id} could not be loaded into the balance store")
 
     async def _check_reach(self, hold_id: uuid.UUID, wallet_id: uuid.UUID, owner_ids: OwnerIds) -> None:
@@ -319,15 +327,14 @@ class Holds:
                 f"hold {hold_id} has {hold.status}; there is nothing to release", hold_status=hold.status
             )
         await self._check_reach(hold_id, state.wallet_id, owner_ids)
-        result = await self.cache.end_hold(hold_id, state.wallet_id, "released")
-        status = result[0].decode()
-        if status == "ok":
-            await self._record(state.wallet_id, result[2].decode())
-        elif status == "ended" and result[1] == b"captured":
+        ended = await self.cache.end_hold(hold_id, state.wallet_id, "released")
+        if isinstance(ended, EndedNow):
+            await self._record(state.wallet_id, ended.event_id)
+        elif isinstance(ended, AlreadyEnded) and ended.status == "captured":
             raise HoldEnded(
                 f"hold {hold_id} was captured; there is nothing to release", hold_status="captured"
             )
-        elif status == "not_found":
+        elif isinstance(ended, NoSuchHold):
             raise HoldNotFound(f"no hold {hold_id}")
         return await self._hold(hold_id)
 
@@ -356,7 +363,7 @@ class Holds:
         invariant(encoded.startswith(_PAYLOAD_HEAD), "a capture payload must begin with its amount")
         for _attempt in range(2):  # the second only after loading a wallet missing from Redis
             try:
-                result = await self.cache.capture(
+                reply = await self.cache.capture(
                     hold_id=hold_id,
                     wallet_id=wallet_id,
                     requested_micros=amount_micros,
@@ -371,54 +378,58 @@ class Holds:
                 # as a single debit does, rather than after the grace period.
                 self.wallets.abandon_in_background(wallet_id, key, payload.id)
                 raise Unavailable("the balance store did not answer; nothing was charged") from exc
-            status = result[0].decode()
-            if status == "ok":
-                return await self._captured(hold_id, state, payload, result, amount_micros)
-            if status == "replay":
-                return await self._replayed(hold_id, result)
-            if status == "missing":
+            if isinstance(reply, Captured):
+                return await self._captured(hold_id, state, payload, reply, amount_micros)
+            if isinstance(reply, CaptureReplayed):
+                return await self._replayed(hold_id, reply)
+            if isinstance(reply, Missing):
                 await self.wallets.load_missing(wallet_id)
                 continue
-            if status == "conflict":
-                raise IdempotencyConflict(f"hold {hold_id} was captured with another amount")
-            if status == "ended":
-                ended = result[1].decode()
+            if isinstance(reply, AlreadyEnded):
+                ended = reply.status
                 raise HoldEnded(f"hold {hold_id} has {ended}; there is nothing to capture", hold_status=ended)
-            if status == "not_found":
+            if isinstance(reply, NoSuchHold):
                 raise HoldNotFound(f"no hold {hold_id}")
-            raise Unavailable(f"unexpected answer {status!r} from the balance store")
+            raise IdempotencyConflict(f"hold {hold_id} was captured with another amount")
         raise Unavailable(f"wallet {wallet_id} could not be loaded into the balance store")
 
     async def _captured(
-        self, hold_id: uuid.UUID, state: HoldState, payload: EntryPayload, result: list, requested_micros: int
+        self,
+        hold_id: uuid.UUID,
+        state: HoldState,
+        payload: EntryPayload,
+        reply: Captured,
+        requested_micros: int,
     ) -> Capture:
-        captured = int(result[1])
+        captured = reply.captured_micros
         entry = None
         if captured > 0:
+            invariant(reply.balance_micros is not None, f"hold {hold_id}: captured without a balance")
             charged = msgspec.structs.replace(payload, amount_micros=captured)
-            record = record_from_payload(charged, balance_micros=int(result[2]), currency=result[4].decode())
+            record = record_from_payload(
+                charged, balance_micros=reply.balance_micros or 0, currency=reply.currency
+            )
             # Raises Unavailable (not charged; the hold stays captured, so it
             # is released) when the ledger did not commit.
             entry, _ = await self.wallets.write_through(
-                Charge(record, result[3].decode(), result[5].decode()), charged
+                PendingCharge(record, reply.outbox_id, reply.epoch), charged
             )
         # Committed: from here on nothing may fail the answer. The event is
         # recorded if it can be (else the sweeper does it), and the hold is
         # answered from what capture.lua decided, without reading Redis again.
-        await self._record(payload.wallet_id, result[6].decode())
+        await self._record(payload.wallet_id, reply.event_id)
         ended = msgspec.structs.replace(
             state,
             status="captured",
-            ended_at_ms=int(result[7]),
+            ended_at_ms=reply.ended_at_ms,
             requested_micros=requested_micros,
             captured_micros=captured,
             entry_id=payload.id if captured > 0 else None,
         )
         return capture_answer(hold_from_state(hold_id, ended), entry, requested_micros, captured)
 
-    async def _replayed(self, hold_id: uuid.UUID, result: list) -> Capture:
-        captured, requested = int(result[1]), int(result[2])
-        state = result[4].decode()
+    async def _replayed(self, hold_id: uuid.UUID, reply: CaptureReplayed) -> Capture:
+        captured, requested, state = reply.captured_micros, reply.requested_micros, reply.state
         entry = None
         if state == "in_progress":
             raise RequestInProgress(f"the capture of hold {hold_id} is still in progress; retry later")
@@ -427,12 +438,9 @@ class Holds:
                 f"the capture of hold {hold_id} failed and was reversed: nothing is charged, and the hold is released"
             )
         if state == "ok":
-            charged = decode_payload(result[5])
-            entry = to_entry(
-                record_from_payload(charged, balance_micros=int(result[6]), currency=result[7].decode())
-            )
-        elif state == "gone":
-            entry = await self._capture_entry(hold_id, uuid.UUID(result[3].decode()))
+            entry = replayed_entry(Replayed(reply.balance_micros or 0, reply.payload, reply.currency))
+        elif state == "gone" and reply.entry_id is not None:
+            entry = await self._capture_entry(hold_id, reply.entry_id)
         return capture_answer(await self._hold(hold_id), entry, requested, captured)
 
     async def _replayed_from_postgres(

@@ -16,7 +16,7 @@ import msgspec
 from ledger import repo as ledger_repo
 from wallet import repo
 from wallet.cache import Cache, CachedWallet
-from wallet.service import encode_payload, payload_of
+from wallet.charges import encode_payload, payload_of
 
 log = logging.getLogger(__name__)
 

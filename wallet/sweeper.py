@@ -34,10 +34,10 @@ import redis.exceptions
 from centime.settings import Settings
 from ledger import repo as ledger_repo
 from ledger.writer import Committed, Outcome, is_refusal, write_with_reversal
-from wallet.cache import Cache, Settling
+from wallet.cache import Cache, Clearing
 from wallet.changes import drain_changes
+from wallet.charges import PendingCharge, charge_from_outbox, clearing, payload_key, undo
 from wallet.holds import drain_events, expire_due
-from wallet.service import Charge, decode_payload, payload_key, record_from_payload, settling, undo
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +68,9 @@ class SweepReport(msgspec.Struct, kw_only=True):
         )
 
 
-def _charge(fields: dict[bytes, bytes], outbox_id: str) -> Charge:
-    payload = decode_payload(fields[b"e"])
-    record = record_from_payload(payload, balance_micros=int(fields[b"b"]), currency=fields[b"c"].decode())
-    # No epoch (written before epochs existed): matches no wallet, so nothing
-    # is undone into a wallet loaded since.
-    return Charge(record, outbox_id, fields.get(b"w", b"").decode())
-
-
-def _parse(fields: dict[bytes, bytes], outbox_id: str, report: SweepReport) -> Charge | None:
+def _parse(fields: dict[bytes, bytes], outbox_id: str, report: SweepReport) -> PendingCharge | None:
     try:
-        return _charge(fields, outbox_id)
+        return charge_from_outbox(fields, outbox_id)
     except (KeyError, ValueError, msgspec.DecodeError) as exc:
         log.error("sweeper: unreadable entry %s %r: %r", outbox_id or "(abandoned)", fields, exc)
         report.unreadable += 1
@@ -112,8 +104,8 @@ async def sweep_once(
             pipe.hscan(cache.abandoned_key(p), 0, count=budget)
         replies = await pipe.execute()
 
-    orphans: list[Charge] = []
-    abandoned: list[Charge] = []
+    orphans: list[PendingCharge] = []
+    abandoned: list[PendingCharge] = []
     for p in range(cache.partition_count):
         for outbox_id, fields in replies[2 * p]:
             charge = _parse(fields, outbox_id.decode(), report)
@@ -127,11 +119,11 @@ async def sweep_once(
                 abandoned.append(charge)
 
     if orphans:
-        await _settle_orphans(pool, cache, orphans, report, timeout_s)
+        await _resolve_orphans(pool, cache, orphans, report, timeout_s)
     for charge in abandoned:
         if loop.time() > deadline:
             break
-        await _settle_abandoned(pool, cache, charge, report, timeout_s)
+        await _resolve_abandoned(pool, cache, charge, report, timeout_s)
     if loop.time() <= deadline:
         report.changes_applied = await drain_changes(pool, cache, wallets_max=budget, timeout_s=timeout_s)
     if loop.time() <= deadline:
@@ -141,8 +133,8 @@ async def sweep_once(
     return report
 
 
-async def _settle_orphans(
-    pool: asyncpg.Pool, cache: Cache, orphans: list[Charge], report: SweepReport, timeout_s: float
+async def _resolve_orphans(
+    pool: asyncpg.Pool, cache: Cache, orphans: list[PendingCharge], report: SweepReport, timeout_s: float
 ) -> None:
     """An orphan the ledger holds was committed by the writer and may have
     been answered 201: keep it, unless the ledger also holds its reversal
@@ -153,11 +145,11 @@ async def _settle_orphans(
     async with pool.acquire(timeout=timeout_s) as conn:
         present = await ledger_repo.entries_by_id(conn, [charge.entry.id for charge in orphans])
         reversed_ids = await ledger_repo.reversed_entry_ids(conn, list(present)) if present else set()
-    committed: dict[int, list[Settling]] = {}
+    committed: dict[int, list[Clearing]] = {}
     for charge in orphans:
         entry = charge.entry
         if entry.id in present and entry.id not in reversed_ids:
-            committed.setdefault(cache.partition(entry.wallet_id), []).append(settling(charge))
+            committed.setdefault(cache.partition(entry.wallet_id), []).append(clearing(charge))
             report.orphans_committed += 1
             continue
         claimed = await cache.abandon(
@@ -167,15 +159,15 @@ async def _settle_orphans(
             outbox_id=charge.outbox_id,
         )
         if claimed:
-            await _settle_abandoned(pool, cache, charge, report, timeout_s, counted_as="orphans_reversed")
+            await _resolve_abandoned(pool, cache, charge, report, timeout_s, counted_as="orphans_reversed")
     if committed:
-        await cache.settle_committed(committed)
+        await cache.clear_committed(committed)
 
 
-async def _settle_abandoned(
+async def _resolve_abandoned(
     pool: asyncpg.Pool,
     cache: Cache,
-    charge: Charge,
+    charge: PendingCharge,
     report: SweepReport,
     timeout_s: float,
     *,
@@ -197,7 +189,7 @@ async def _settle_abandoned(
         report.refused += 1
         outcome = None
     written = isinstance(outcome, Committed)
-    undone = await cache.settle_reversed(
+    undone = await cache.refund_abandoned(
         wallet_id=entry.wallet_id,
         idempotency_key=payload_key(entry),
         entry_id=entry.id,

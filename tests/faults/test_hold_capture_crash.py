@@ -46,8 +46,8 @@ from centime.settings import Settings
 from ledger import repo as ledger_repo
 from ledger.ids import uuid7
 from ledger.schemas import EntryRecord
+from wallet.charges import decode_payload, record_from_payload
 from wallet.schemas import EntryPayload
-from wallet.service import decode_payload, record_from_payload
 
 pytestmark = pytest.mark.faults
 

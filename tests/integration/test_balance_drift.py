@@ -30,9 +30,10 @@ from wallet import maintenance
 from wallet import repo as wallet_repo
 from wallet.cache import DriftProbe
 from wallet.changes import apply_changes, load_from_ledger, write_change
+from wallet.charges import decode_payload, encode_payload, record_from_payload, request_hash
 from wallet.maintenance import BalanceDrift, find_drift
+from wallet.replies import Charged
 from wallet.schemas import EntryPayload
-from wallet.service import decode_payload, encode_payload, record_from_payload, request_hash
 
 PARTITIONS = HARNESS_PARTITIONS
 CURRENCY = "usd"
@@ -112,8 +113,8 @@ async def charge_in_flight(
         idempotency_key=key,
         ttl_s=3600,
     )
-    assert result[0] == b"ok", result
-    return key, entry_id, result[2].decode()
+    assert isinstance(result, Charged), result
+    return key, entry_id, result.outbox_id
 
 
 async def state(h: Harness, wallet_id: uuid.UUID) -> dict[str, str]:

@@ -45,20 +45,23 @@ class Ledger(msgspec.Struct):
     batches: list[list[uuid.UUID]] = []
     observed: list[int] = []
 
-    def writer(self, *, batch_entries_max: int = 8, connections: int = 2, **kw: float) -> LedgerWriter:
-        async def after_commit(entries: Sequence[EntryRecord], outcomes: list[Outcome]) -> list[object]:
-            self.batches.append([e.id for e in entries])
-            return list(outcomes)
-
+    def writer(
+        self, *, batch_entries_max: int = 8, connections: int = 2, **kw: float
+    ) -> LedgerWriter[Outcome]:
+        """A writer, not started: start it with after_commit=self.after_commit."""
         return LedgerWriter(
             lambda: asyncpg.connect(self.url),
             batch_entries_max=batch_entries_max,
             connections=connections,
             timeout_s=5.0,
-            after_commit=after_commit,
             observe_batch=self.observed.append,
             **kw,
         )
+
+    async def after_commit(self, entries: Sequence[EntryRecord], outcomes: list[Outcome]) -> list[Outcome]:
+        """Records what every batch held."""
+        self.batches.append([e.id for e in entries])
+        return list(outcomes)
 
     def batch_of(self, entry_id: uuid.UUID) -> int:
         """The index of the one committed batch that held the entry."""
@@ -116,7 +119,7 @@ def unbalanced(wallet_id: uuid.UUID) -> EntryRecord:
     return debit(wallet_id, lines=(Line(wallet_id, 100), Line(system_account_id("revenue", CURRENCY), -99)))
 
 
-async def outcomes(futures: Sequence[asyncio.Future[object]]) -> list[object]:
+async def outcomes(futures: Sequence[asyncio.Future[Outcome]]) -> list[object]:
     """Each future's result or exception, waited for with a deadline."""
     await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), FUTURE_WAIT_S)
     return [f.exception() or f.result() for f in futures]
@@ -134,7 +137,7 @@ async def test_a_group_is_one_statement_even_past_the_batch_bound(ledger: Ledger
     futures += writer.submit_many(group)
     futures += [writer.submit(e) for e in after]
     assert writer.queued == 40
-    writer.start()
+    writer.start(after_commit=ledger.after_commit)
     try:
         results = await outcomes(futures)
     finally:
@@ -154,10 +157,10 @@ async def test_groups_never_split_while_singles_queue_around_them(ledger: Ledger
     entries) at once, so backlogs form and batch bounds cut through the
     queue: every group still commits in exactly one statement."""
     writer = ledger.writer(batch_entries_max=16, connections=2)
-    writer.start()
+    writer.start(after_commit=ledger.after_commit)
     rng = random.Random(7)
     groups: list[list[EntryRecord]] = []
-    futures: list[asyncio.Future[object]] = []
+    futures: list[asyncio.Future[Outcome]] = []
 
     async def producer(n: int) -> None:
         for round_no in range(12):
@@ -190,7 +193,7 @@ async def test_groups_never_split_while_singles_queue_around_them(ledger: Ledger
 async def test_a_full_queue_refuses_a_group_whole(ledger: Ledger) -> None:
     writer = ledger.writer()  # never started: the queue only fills
     w = ledger.wallet_ids[0]
-    waiting: list[asyncio.Future[object]] = []
+    waiting: list[asyncio.Future[Outcome]] = []
     while writer.queued < QUEUE_ENTRIES_MAX - 10:
         room = QUEUE_ENTRIES_MAX - 10 - writer.queued
         waiting += writer.submit_many([debit(w) for _ in range(min(room, BACKLOG_BATCH_ENTRIES_MAX))])
@@ -229,7 +232,7 @@ async def test_a_refused_entry_does_not_fail_its_group_mates(ledger: Ledger) -> 
     w = ledger.wallet_ids[1]
     held = debit(w, key="held")
     (first,) = writer.submit_many([held])
-    writer.start()
+    writer.start(after_commit=ledger.after_commit)
     try:
         assert await outcomes([first]) == [Committed(held.id, written=True)]
         group = [debit(ledger.wallet_ids[n % 4]) for n in range(10)]
@@ -263,7 +266,7 @@ async def test_cancelled_entries_in_a_group_are_never_written(ledger: Ledger) ->
         future.cancel()
     last = debit(w)
     futures.append(writer.submit(last))
-    writer.start()
+    writer.start(after_commit=ledger.after_commit)
     try:
         results = await outcomes([f for n, f in enumerate(futures) if n not in (2, 7)])
     finally:

@@ -26,11 +26,14 @@ from ledger.accounts import debit_lines, reversal_id_for, reversal_of
 from ledger.ids import uuid7
 from ledger.writer import LedgerWriter, write_entries, write_with_reversal
 from wallet.cache import Cache
+from wallet.charges import PendingCharge, clearing, request_hash, undo
 from wallet.errors import IdempotencyKeyReversed
 from wallet.maintenance import rebuild_cache
+from wallet.replies import Replayed
 from wallet.schemas import CreateWallet, EntryPayload
-from wallet.service import Wallets, request_hash, settling, undo
+from wallet.service import Wallets
 from wallet.sweeper import sweep_once
+from wallet.write_through import CommitResult
 
 POLLS_MAX = 500
 """Polls of 10 ms for a condition a test waits on: 5 s, then it fails."""
@@ -44,23 +47,16 @@ class Harness(msgspec.Struct):
 
     def wallets(
         self, connect: Callable | None = None, *, commit_timeout_ms: int = 2000
-    ) -> tuple[Wallets, LedgerWriter]:
+    ) -> tuple[Wallets, LedgerWriter[CommitResult]]:
         settings = msgspec.structs.replace(self.settings, commit_timeout_ms=commit_timeout_ms)
-        holder: list[Wallets] = []
-
-        async def after_commit(entries, outcomes):  # type: ignore[no-untyped-def]
-            return await holder[0].after_commit(entries, outcomes)
-
-        writer = LedgerWriter(
+        writer: LedgerWriter[CommitResult] = LedgerWriter(
             connect or (lambda: asyncpg.connect(self.database_url)),
             batch_entries_max=16,
             connections=2,
             timeout_s=1.0,
-            after_commit=after_commit,
         )
         wallets = Wallets(pool=self.pool, cache=self.cache, writer=writer, settings=settings)
-        holder.append(wallets)
-        writer.start()
+        writer.start(after_commit=wallets.after_commit)
         return wallets, writer
 
 
@@ -337,7 +333,7 @@ async def test_rebuild_cache_restores_balances_and_recent_keys(harness: Harness)
         idempotency_key="kept",
         ttl_s=3600,
     )
-    assert reply[0] == b"replay" and int(reply[1]) == 900
+    assert isinstance(reply, Replayed) and reply.balance_micros == 900
     assert await redis_balance(harness, wallet_id) == 900
     # A second rebuild leaves the restored records alone.
     assert (await rebuild_cache(harness.pool, harness.cache, idempotency_ttl_s=3600)).keys_restored == 0
@@ -360,7 +356,7 @@ async def test_an_orphan_its_request_reversed_in_the_ledger_is_undone(harness: H
 
 
 @pytest.mark.parametrize("kind", ["debit", "credit"])
-async def test_undo_reversed_reaches_a_charge_the_writer_had_settled(harness: Harness, kind: str) -> None:
+async def test_undo_reversed_reaches_a_charge_the_writer_had_cleared(harness: Harness, kind: str) -> None:
 
     good, good_writer = harness.wallets()
     try:
@@ -369,7 +365,8 @@ async def test_undo_reversed_reaches_a_charge_the_writer_had_settled(harness: Ha
         # Redis, answers 503 and reverses the entry in the ledger.
         payload = msgspec.structs.replace(_payload(wallet_id, "late"), kind=kind)
         charge = await good._charge(payload)
-        good._charges[charge.entry.id] = charge
+        assert isinstance(charge, PendingCharge)
+        good.committing.charges[charge.entry.id] = charge
         _, replayed = await good.write_through(charge, payload)
         assert not replayed
     finally:
@@ -378,10 +375,10 @@ async def test_undo_reversed_reaches_a_charge_the_writer_had_settled(harness: Ha
         await write_entries(conn, [reversal_of(charge.entry, reversal_id_for(charge.entry.id))], timeout_s=2)
     key = charge.entry.idempotency_key or ""
     assert await harness.cache.undo_reversed(
-        idempotency_key=key, settling=settling(charge), undo=undo(charge)
+        idempotency_key=key, clearing=clearing(charge), undo=undo(charge)
     )
     assert not await harness.cache.undo_reversed(
-        idempotency_key=key, settling=settling(charge), undo=undo(charge)
+        idempotency_key=key, clearing=clearing(charge), undo=undo(charge)
     )
     assert await redis_balance(harness, wallet_id) == 1_000 == await ledger_balance(harness, wallet_id)
     record = await harness.cache.client.hgetall(harness.cache.idempotency_key(wallet_id, key))

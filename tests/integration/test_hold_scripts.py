@@ -16,15 +16,16 @@ import msgspec
 import pytest
 import redis.exceptions
 from conftest import Harness
+from lua_support import as_sent
 from redis.crc import key_slot
 
 from centime.money import AMOUNT_MICROS_MAX
 from ledger.ids import uuid7
 from wallet import repo
-from wallet.cache import Cache, CachedWallet, Settling, Undo, WalletChange, new_hold_id
+from wallet.cache import Cache, CachedWallet, Clearing, Undo, WalletChange, new_hold_id
+from wallet.charges import decode_payload, encode_payload
 from wallet.holds import capture_key, event_row, expire_due, record_events
 from wallet.schemas import EntryPayload, HoldPayload
-from wallet.service import decode_payload, encode_payload
 
 TTL_S = 120
 EXPIRES_IN_S = 300
@@ -37,10 +38,6 @@ _hold_encoder = msgspec.json.Encoder(order="sorted")
 
 
 # Helpers -----------------------------------------------------------------------
-
-
-def _text(reply: list) -> list[str]:
-    return [item.decode() if isinstance(item, bytes) else str(item) for item in reply]
 
 
 async def new_wallet(
@@ -108,7 +105,7 @@ async def hold(
         holds_max=holds_max,  # type: ignore[arg-type]  (bad values on purpose)
     )
     amount = amount_micros if isinstance(amount_micros, int) else 0
-    return Held(_text(reply), hold_id, wallet_id, amount, key, payload)
+    return Held(as_sent(reply), hold_id, wallet_id, amount, key, payload)
 
 
 class Captured(msgspec.Struct, frozen=True):
@@ -124,9 +121,9 @@ class Captured(msgspec.Struct, frozen=True):
     def payload(self, captured_micros: int) -> bytes:
         return b'{"amount_micros":' + str(captured_micros).encode() + self.tail
 
-    def settling(self) -> Settling:
+    def clearing(self) -> Clearing:
         # capture.lua's ok reply: captured, balance after, outbox id, currency, epoch, event id
-        return Settling(self.reply[3], self.entry_id, self.held.wallet_id, 0, self.reply[5])
+        return Clearing(self.reply[3], self.entry_id, self.held.wallet_id, 0, self.reply[5])
 
 
 async def capture(
@@ -163,11 +160,11 @@ async def capture(
         idempotency_key=capture_key(held.hold_id),
         ttl_s=TTL_S,
     )
-    return Captured(_text(reply), held, entry_id, tail)
+    return Captured(as_sent(reply), held, entry_id, tail)
 
 
 async def end_hold(cache: Cache, held: Held, status: str, *, wallet_id: uuid.UUID | None = None) -> list[str]:
-    return _text(await cache.end_hold(held.hold_id, wallet_id or held.wallet_id, status))
+    return as_sent(await cache.end_hold(held.hold_id, wallet_id or held.wallet_id, status))
 
 
 async def wallet_fields(cache: Cache, wallet_id: uuid.UUID) -> dict[str, str]:
@@ -390,11 +387,11 @@ async def test_debits_only_spend_what_holds_leave_available(cache: Cache) -> Non
     refused = await cache.apply(
         wallet_id=wallet_id, amount_micros=301, entry_id=uuid7(), idempotency_key="a", **debit
     )
-    assert _text(refused) == ["insufficient", "1000"]
+    assert as_sent(refused) == ["insufficient", "1000"]
     spent = await cache.apply(
         wallet_id=wallet_id, amount_micros=300, entry_id=uuid7(), idempotency_key="b", **debit
     )
-    assert _text(spent)[:2] == ["ok", "700"]
+    assert as_sent(spent)[:2] == ["ok", "700"]
     assert await balance_and_held(cache, wallet_id) == (700, 800)  # 700 - 800 = -100: the limit exactly
     assert (await hold(cache, wallet_id, 1)).reply == ["insufficient", "700", "800"]
 
@@ -655,7 +652,7 @@ async def test_a_capture_replays_while_in_progress_then_committed_and_conflicts_
     assert (await capture(cache, held, 599)).reply == ["conflict"]
     assert await snapshot(cache, held) == before  # replays and conflicts write nothing
 
-    assert await cache.settle_committed({cache.partition(wallet_id): [taken.settling()]}) == {
+    assert await cache.clear_committed({cache.partition(wallet_id): [taken.clearing()]}) == {
         cache.partition(wallet_id): [1]
     }
     committed = await capture(cache, held, 600)
@@ -681,7 +678,7 @@ async def test_a_capture_replay_reports_reversed_and_gone(cache: Cache) -> None:
     )
     assert await cache.client.hget(record_one, "id") == str(one.entry_id).encode()
     assert (await capture(cache, first, 100)).reply[4] == "in_progress"  # waiting for the sweeper
-    assert await cache.settle_reversed(
+    assert await cache.refund_abandoned(
         wallet_id=wallet_id,
         idempotency_key=capture_key(first.hold_id),
         entry_id=one.entry_id,

@@ -702,24 +702,25 @@ async def test_writer_hands_outcomes_to_the_after_commit_hook(
     wallet_id = await make_wallet(conn)
     seen: list[tuple[list[uuid.UUID], list[Outcome]]] = []
 
-    async def after_commit(batch: Sequence[EntryRecord], outcomes: list[Outcome]) -> list[object]:
+    async def after_commit(
+        batch: Sequence[EntryRecord], outcomes: list[Outcome]
+    ) -> list[tuple[str, uuid.UUID]]:
         seen.append(([e.id for e in batch], list(outcomes)))
-        return [("settled", e.id) for e in batch]
+        return [("cleared", e.id) for e in batch]
 
-    writer = LedgerWriter(
+    writer: LedgerWriter[tuple[str, uuid.UUID]] = LedgerWriter(
         lambda: asyncpg.connect(private_database),
         batch_entries_max=8,
         connections=1,
         timeout_s=TIMEOUT_S,
-        after_commit=after_commit,
     )
-    writer.start()
+    writer.start(after_commit=after_commit)
     try:
         entries = [debit(wallet_id, 1) for _ in range(5)]
         results = await asyncio.wait_for(asyncio.gather(*[writer.submit(e) for e in entries]), 30)
     finally:
         await writer.stop()
-    assert results == [("settled", e.id) for e in entries]
+    assert results == [("cleared", e.id) for e in entries]
     assert [entry_id for ids, _ in seen for entry_id in ids] == [e.id for e in entries]
     assert all(isinstance(o, Committed) and o.written for _, outcomes in seen for o in outcomes)
 

@@ -13,17 +13,18 @@ import msgspec
 import pytest
 import redis.exceptions
 from conftest import HARNESS_PARTITIONS, ROOT
+from lua_support import as_sent
 from redis.crc import key_slot
 
 from centime.money import AMOUNT_MICROS_MAX
-from wallet.cache import SCRIPTS, Cache, CachedWallet, Settling, Undo
+from wallet.cache import SCRIPTS, Cache, CachedWallet, Clearing, Undo
 
 PARTITIONS = HARNESS_PARTITIONS
 TTL_S = 120
 _TAG = re.compile(r"\{([^}]*)\}")
 _EPOCH = re.compile(r"[0-9a-f]{16}")  # secrets.token_hex(8), written by load_wallet.lua
 
-SETTLED, ABANDONED_FIRST, SETTLED_BEFORE = 1, 2, 0  # settle_committed's answers
+SETTLED, ABANDONED_FIRST, SETTLED_BEFORE = 1, 2, 0  # clear_committed's answers
 
 
 async def new_wallet(
@@ -66,19 +67,15 @@ class Applied(msgspec.Struct, frozen=True):
         """The wallet's epoch when charged (apply.lua's fifth item on ok)."""
         return self.reply[4]
 
-    def settling(self) -> Settling:
+    def clearing(self) -> Clearing:
         credit = self.amount_micros if self.kind == "credit" else 0
-        return Settling(self.outbox_id, self.entry_id, self.wallet_id, credit, self.epoch)
+        return Clearing(self.outbox_id, self.entry_id, self.wallet_id, credit, self.epoch)
 
     def undo(self) -> Undo:
         # As wallet.service.undo: a debit returns to b, a credit leaves p.
         if self.kind == "debit":
             return Undo("b", self.amount_micros, self.epoch)
         return Undo("p", -self.amount_micros, self.epoch)
-
-
-def _text(reply: list) -> list[str]:
-    return [item.decode() if isinstance(item, bytes) else str(item) for item in reply]
 
 
 async def apply(
@@ -104,15 +101,15 @@ async def apply(
         idempotency_key=key,
         ttl_s=TTL_S,
     )
-    return Applied(_text(reply), wallet_id, kind, amount_micros, entry_id, key, payload)
+    return Applied(as_sent(reply), wallet_id, kind, amount_micros, entry_id, key, payload)
 
 
 async def settle(cache: Cache, *applied: Applied) -> list[int]:
-    """settle_committed for entries of one partition, in one call."""
+    """clear_committed for entries of one partition, in one call."""
     partitions = {cache.partition(a.wallet_id) for a in applied}
     assert len(partitions) == 1
     (p,) = partitions
-    settled = await cache.settle_committed({p: [a.settling() for a in applied]})
+    settled = await cache.clear_committed({p: [a.clearing() for a in applied]})
     assert list(settled) == [p]
     return settled[p]
 
@@ -136,8 +133,8 @@ async def abandon(cache: Cache, applied: Applied, *, pass_outbox_id: bool = True
     )
 
 
-async def settle_reversed(cache: Cache, applied: Applied, *, mark_reversed: bool = True) -> bool:
-    return await cache.settle_reversed(
+async def refund_abandoned(cache: Cache, applied: Applied, *, mark_reversed: bool = True) -> bool:
+    return await cache.refund_abandoned(
         wallet_id=applied.wallet_id,
         idempotency_key=applied.key,
         entry_id=applied.entry_id,
@@ -231,7 +228,7 @@ async def test_a_full_cycle_creates_keys_in_the_wallets_partition_only(cache: Ca
     assert await abandon(cache, second, pass_outbox_id=False)
     third = await apply(cache, wallet_id, 300, kind="credit")
     assert third.status == "ok"
-    assert await settle_reversed(cache, second)
+    assert await refund_abandoned(cache, second)
     keys = [k.decode() async for k in cache.client.scan_iter(match=f"{cache.prefix}:*")]
     # the wallet, three idempotency records and the outbox; the abandoned hash is empty again
     assert len(keys) == 5
@@ -288,7 +285,7 @@ async def test_credit_waits_in_pending_and_ignores_overdraft(cache: Cache) -> No
     assert await pending_text(cache, wallet_id) == b"105"
 
 
-async def test_a_credit_is_not_spendable_until_settle_committed_moves_it(cache: Cache) -> None:
+async def test_a_credit_is_not_spendable_until_clear_committed_moves_it(cache: Cache) -> None:
     wallet_id = await new_wallet(cache)
     credit = await apply(cache, wallet_id, 500, kind="credit")
     assert credit.reply[:2] == ["ok", "500"]
@@ -305,7 +302,7 @@ async def test_a_credit_is_not_spendable_until_settle_committed_moves_it(cache: 
         "s": "active",
         "c": "usd",
     }
-    # Settling it again moves nothing a second time.
+    # Clearing it again moves nothing a second time.
     assert await settle(cache, credit) == [SETTLED_BEFORE]
     assert await balance_text(cache, wallet_id) == b"500"
     assert await pending_text(cache, wallet_id) == b"0"
@@ -322,7 +319,7 @@ async def test_a_debit_ignores_pending_credits_in_its_check_and_reply(cache: Cac
     assert (await apply(cache, wallet_id, 111)).reply == ["insufficient", "100"]
     debit = await apply(cache, wallet_id, 110)
     assert debit.reply[:2] == ["ok", "-10"]
-    # Settling the debit leaves the pending credit alone; settling the credit moves it.
+    # Clearing the debit leaves the pending credit alone; settling the credit moves it.
     assert await settle(cache, debit, credit) == [SETTLED, SETTLED]
     assert await balance_text(cache, wallet_id) == b"990"
     assert await pending_text(cache, wallet_id) == b"0"
@@ -634,7 +631,7 @@ async def test_compensate_does_not_recreate_a_deleted_wallet(cache: Cache, kind:
 async def assert_settled_reversed(
     cache: Cache, applied: Applied, *, mark_reversed: bool, request_hash: str = "h"
 ) -> None:
-    """After settle_reversed: no longer abandoned; the key answers `reversed`
+    """After refund_abandoned: no longer abandoned; the key answers `reversed`
     (marked) or is gone (forgotten); a second settle undoes nothing."""
     wallet_id = applied.wallet_id
     assert not await cache.is_abandoned(wallet_id, applied.entry_id)
@@ -649,13 +646,13 @@ async def assert_settled_reversed(
             key=applied.key,
             request_hash=request_hash,
         )
-        assert replayed.reply == ["reversed", applied.payload.decode()]
+        assert replayed.reply == ["reversed"]  # (apply.lua sends the payload too; nothing reads it)
     else:
         assert await cache.client.exists(record_key) == 0
-    assert await settle_reversed(cache, applied, mark_reversed=mark_reversed) is False
+    assert await refund_abandoned(cache, applied, mark_reversed=mark_reversed) is False
 
 
-# abandon.lua and settle_reversed.lua -----------------------------------------
+# abandon.lua and refund_abandoned.lua -----------------------------------------
 
 
 @pytest.mark.parametrize("pass_outbox_id", [True, False])
@@ -681,18 +678,18 @@ async def test_abandon_then_settle_reversed_refunds_once_and_marks_the_key(
     assert await settle(cache, applied) == [ABANDONED_FIRST]
     assert await balance_text(cache, wallet_id) == b"700"
 
-    assert await settle_reversed(cache, applied) is True
+    assert await refund_abandoned(cache, applied) is True
     assert await balance_text(cache, wallet_id) == b"1000"
     assert not await cache.is_abandoned(wallet_id, applied.entry_id)
     record_key = cache.idempotency_key(wallet_id, "k")
     assert await cache.client.hget(record_key, "st") == b"reversed"
     assert 0 < await cache.client.ttl(record_key) <= TTL_S  # marking kept the expiry
 
-    assert await settle_reversed(cache, applied) is False
+    assert await refund_abandoned(cache, applied) is False
     assert await balance_text(cache, wallet_id) == b"1000"
 
     replayed = await apply(cache, wallet_id, 300, key="k", request_hash="h")
-    assert replayed.reply == ["reversed", applied.payload.decode()]
+    assert replayed.reply == ["reversed"]  # (apply.lua sends the payload too; nothing reads it)
     assert (await apply(cache, wallet_id, 300, key="k", request_hash="x")).reply == ["conflict"]
     assert await balance_text(cache, wallet_id) == b"1000"
     # Compensating the same charge afterwards cannot refund it a second time.
@@ -702,22 +699,22 @@ async def test_abandon_then_settle_reversed_refunds_once_and_marks_the_key(
     assert await settle(cache, applied) == [SETTLED_BEFORE]
 
 
-async def test_settle_reversed_forget_deletes_the_record_so_the_key_charges_afresh(cache: Cache) -> None:
+async def test_refund_abandoned_forget_deletes_the_record_so_the_key_charges_afresh(cache: Cache) -> None:
     wallet_id = await new_wallet(cache, balance_micros=1_000)
     applied = await apply(cache, wallet_id, 300, key="k", request_hash="h")
     assert await abandon(cache, applied)
-    assert await settle_reversed(cache, applied, mark_reversed=False) is True
+    assert await refund_abandoned(cache, applied, mark_reversed=False) is True
     assert await balance_text(cache, wallet_id) == b"1000"
     assert await cache.client.exists(cache.idempotency_key(wallet_id, "k")) == 0
     assert not await cache.is_abandoned(wallet_id, applied.entry_id)
-    assert await settle_reversed(cache, applied, mark_reversed=False) is False
+    assert await refund_abandoned(cache, applied, mark_reversed=False) is False
     assert await balance_text(cache, wallet_id) == b"1000"
     # Redis no longer knows the key (the ledger's holder decides at commit).
     assert (await apply(cache, wallet_id, 300, key="k", request_hash="h")).reply[:2] == ["ok", "700"]
 
 
 @pytest.mark.parametrize("mark_reversed", [True, False])
-async def test_settle_reversed_keeps_a_record_that_belongs_to_another_entry(
+async def test_refund_abandoned_keeps_a_record_that_belongs_to_another_entry(
     cache: Cache, mark_reversed: bool
 ) -> None:
     wallet_id = await new_wallet(cache, balance_micros=1_000)
@@ -728,7 +725,7 @@ async def test_settle_reversed_keeps_a_record_that_belongs_to_another_entry(
     second = await apply(cache, wallet_id, 200, key="k")
     assert second.reply[:2] == ["ok", "500"]
 
-    assert await settle_reversed(cache, first, mark_reversed=mark_reversed) is True
+    assert await refund_abandoned(cache, first, mark_reversed=mark_reversed) is True
     assert await balance_text(cache, wallet_id) == b"800"
     record = await cache.client.hgetall(cache.idempotency_key(wallet_id, "k"))
     assert record[b"id"] == str(second.entry_id).encode()
@@ -738,7 +735,7 @@ async def test_settle_reversed_keeps_a_record_that_belongs_to_another_entry(
 
 @pytest.mark.parametrize("mark_reversed", [True, False])
 @pytest.mark.parametrize("kind", ["debit", "credit"])
-async def test_settle_reversed_does_not_recreate_a_deleted_wallet(
+async def test_refund_abandoned_does_not_recreate_a_deleted_wallet(
     cache: Cache, kind: str, mark_reversed: bool
 ) -> None:
     wallet_id = await new_wallet(cache, balance_micros=1_000)
@@ -746,7 +743,7 @@ async def test_settle_reversed_does_not_recreate_a_deleted_wallet(
     assert await abandon(cache, applied)
     await cache.client.delete(cache.wallet_key(wallet_id))
 
-    assert await settle_reversed(cache, applied, mark_reversed=mark_reversed) is True
+    assert await refund_abandoned(cache, applied, mark_reversed=mark_reversed) is True
     assert await cache.client.exists(cache.wallet_key(wallet_id)) == 0
     await assert_settled_reversed(cache, applied, mark_reversed=mark_reversed)
     assert await cache.client.exists(cache.wallet_key(wallet_id)) == 0
@@ -769,7 +766,7 @@ async def test_abandon_refuses_unknown_or_settled_entries(cache: Cache) -> None:
     assert not await abandon(cache, applied, pass_outbox_id=False)
     assert await cache.client.hlen(cache.abandoned_key(p)) == 0
     assert not await cache.is_abandoned(wallet_id, applied.entry_id)
-    assert not await settle_reversed(cache, applied)
+    assert not await refund_abandoned(cache, applied)
     assert await balance_text(cache, wallet_id) == b"700"
 
 
@@ -787,25 +784,25 @@ async def test_abandoned_credit_is_reversed_out_of_pending(cache: Cache) -> None
         "c": "usd",
     }
     assert (await apply(cache, wallet_id, 1)).reply == ["insufficient", "0"]
-    assert await settle_reversed(cache, applied)
+    assert await refund_abandoned(cache, applied)
     assert await wallet_state(cache, wallet_id) == {"b": "0", "p": "0", "o": "0", "s": "active", "c": "usd"}
 
 
-# settle_committed.lua --------------------------------------------------------
+# clear_committed.lua --------------------------------------------------------
 
 
-async def test_settle_committed_removes_each_entry_once_across_partitions(cache: Cache) -> None:
-    by_partition: dict[int, list[Settling]] = {}
+async def test_clear_committed_removes_each_entry_once_across_partitions(cache: Cache) -> None:
+    by_partition: dict[int, list[Clearing]] = {}
     wallets: list[uuid.UUID] = []
     while len(by_partition) < 2:
         wallet_id = await new_wallet(cache, balance_micros=100)
         wallets.append(wallet_id)
         debit = await apply(cache, wallet_id, 1)
         credit = await apply(cache, wallet_id, 10, kind="credit")
-        by_partition.setdefault(cache.partition(wallet_id), []).extend([debit.settling(), credit.settling()])
-    first = await cache.settle_committed(by_partition)
+        by_partition.setdefault(cache.partition(wallet_id), []).extend([debit.clearing(), credit.clearing()])
+    first = await cache.clear_committed(by_partition)
     assert first == {p: [SETTLED] * len(items) for p, items in by_partition.items()}
-    second = await cache.settle_committed(by_partition)
+    second = await cache.clear_committed(by_partition)
     assert second == {p: [SETTLED_BEFORE] * len(items) for p, items in by_partition.items()}
     for p in by_partition:
         assert await cache.client.xlen(cache.outbox_key(p)) == 0
@@ -815,16 +812,16 @@ async def test_settle_committed_removes_each_entry_once_across_partitions(cache:
         assert await pending_text(cache, wallet_id) == b"0"
 
 
-async def test_settle_committed_reports_per_entry(cache: Cache) -> None:
+async def test_clear_committed_reports_per_entry(cache: Cache) -> None:
     wallet_id = await new_wallet(cache, balance_micros=100)
     a = await apply(cache, wallet_id, 1)
     b = await apply(cache, wallet_id, 2)
     assert await settle(cache, a) == [SETTLED]
     assert await settle(cache, a, b) == [SETTLED_BEFORE, SETTLED]
-    assert await cache.settle_committed({}) == {}
+    assert await cache.clear_committed({}) == {}
 
 
-async def test_settle_committed_answers_abandoned_first_and_settled_before(cache: Cache) -> None:
+async def test_clear_committed_answers_abandoned_first_and_settled_before(cache: Cache) -> None:
     wallet_id = await new_wallet(cache, balance_micros=1_000)
     abandoned = await apply(cache, wallet_id, 100, kind="credit")
     compensated = await apply(cache, wallet_id, 200, kind="credit")
@@ -841,7 +838,7 @@ async def test_settle_committed_answers_abandoned_first_and_settled_before(cache
     assert not await cache.is_abandoned(wallet_id, fresh.entry_id)
 
 
-async def test_settle_committed_does_not_recreate_a_deleted_wallet(cache: Cache) -> None:
+async def test_clear_committed_does_not_recreate_a_deleted_wallet(cache: Cache) -> None:
     wallet_id = await new_wallet(cache)
     credit = await apply(cache, wallet_id, 300, kind="credit")
     await cache.client.delete(cache.wallet_key(wallet_id))
@@ -952,7 +949,7 @@ async def test_compensating_a_charge_made_before_a_reload_leaves_the_reloaded_wa
 @pytest.mark.parametrize("mark_reversed", [True, False])
 @pytest.mark.parametrize("how", ["overwrite", "lost"])
 @pytest.mark.parametrize("kind", ["debit", "credit"])
-async def test_settle_reversed_of_a_charge_made_before_a_reload_leaves_the_reloaded_wallet_alone(
+async def test_refund_abandoned_of_a_charge_made_before_a_reload_leaves_the_reloaded_wallet_alone(
     cache: Cache, kind: str, how: str, mark_reversed: bool
 ) -> None:
     wallet_id = await new_wallet(cache, balance_micros=1_000)
@@ -961,7 +958,7 @@ async def test_settle_reversed_of_a_charge_made_before_a_reload_leaves_the_reloa
     # The sweeper writes the entry and its reversal: the ledger's balance nets to the one before.
     await reload(cache, wallet_id, CachedWallet(1_000, 0, "active", "usd"), how=how)
 
-    assert await settle_reversed(cache, applied, mark_reversed=mark_reversed) is True
+    assert await refund_abandoned(cache, applied, mark_reversed=mark_reversed) is True
     assert await wallet_state(cache, wallet_id) == {
         "b": "1000",
         "p": "0",
@@ -1060,7 +1057,7 @@ async def test_load_wallet_keeps_the_largest_balance_exact(cache: Cache) -> None
 
 @pytest.mark.xfail(
     strict=True,
-    reason="BUG: compensate.lua / settle_reversed.lua refund with an unchecked HINCRBY, so a debit "
+    reason="BUG: compensate.lua / refund_abandoned.lua refund with an unchecked HINCRBY, so a debit "
     "refunded after a credit near the bound leaves the balance above 2**53 - 1",
 )
 async def test_a_refund_never_takes_the_balance_past_the_bound(cache: Cache) -> None:

@@ -39,7 +39,7 @@ from ledger.accounts import (
 )
 from ledger.ids import UUID_PATTERN, parse_uuid, uuid7
 from ledger.schemas import EntryRecord
-from wallet.service import request_hash
+from wallet.charges import request_hash
 
 # centime.money ---------------------------------------------------------------
 
@@ -287,7 +287,7 @@ def test_settings_are_frozen() -> None:
         settings.partition_count = 3  # type: ignore[misc]
 
 
-# wallet.service.request_hash ------------------------------------------------------
+# wallet.charges.request_hash ------------------------------------------------------
 
 
 BASE = ("debit", 1500, "completion", {"model": "m1", "user": "u"})

@@ -33,7 +33,7 @@ from conftest import (
     make_keys,
     with_stripe,
 )
-from stripe_support import FakeStripe
+from stripe_support import FakeStripe, pay, stripe_client
 
 from centime.migrate import migrate_database
 from centime.settings import Settings
@@ -458,3 +458,28 @@ def classify(answers: list[Answer], ledger: dict[str, list[LedgerDebit]]) -> dic
                     f"{a.key}: asked {a.amount_micros} of {a.wallet_id}, ledger {e}"
                 )
     return {kind: found for kind, found in problems.items() if found}
+
+
+async def flush_redis(redis_url: str) -> None:
+    """FLUSHALL of a test's own redis-server (never the shared one)."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        await client.flushall()
+        assert await client.dbsize() == 0
+    finally:
+        await client.aclose()
+
+
+async def paid_intent(
+    http: httpx.AsyncClient, keys: Keys, fake: FakeStripe, wallet_id: str, amount_micros: int
+) -> dict[str, object]:
+    """A top-up of `amount_micros` paid at the fake: its PaymentIntent as Stripe
+    shows it (the success event is not delivered: make_event builds it)."""
+    created = await http.post(
+        f"/v1/wallets/{wallet_id}/topups", json={"amount_micros": amount_micros}, headers=auth(keys.debit)
+    )
+    assert created.status_code == 201, created.text
+    client = stripe_client(fake.base_url)
+    intent_id = created.json()["payment_intent_id"]
+    await pay(client, intent_id)
+    return (await client.v1.payment_intents.retrieve_async(intent_id)).to_dict()

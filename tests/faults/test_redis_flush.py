@@ -27,6 +27,7 @@ from fault_support import (
     classify,
     debit_load,
     expected_balances,
+    flush_redis,
     ledger_balances,
     ledger_debits,
     redis_balances,
@@ -121,12 +122,7 @@ async def _balances(w: World, wallet_ids: list[str]) -> dict[str, int]:
 
 async def _flush(w: World) -> None:
     assert w.settings.redis_url is not None
-    client = redis.Redis.from_url(w.settings.redis_url)
-    try:
-        await client.flushall()
-        assert await client.dbsize() == 0
-    finally:
-        await client.aclose()
+    await flush_redis(w.settings.redis_url)
 
 
 async def _retry(w: World, p: Posted, body: dict[str, Any] | None = None) -> httpx.Response:

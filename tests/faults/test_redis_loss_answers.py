@@ -16,7 +16,6 @@ import asyncpg
 import httpx
 import msgspec
 import pytest
-import redis.asyncio as redis
 from conftest import (
     RUN_ID,
     Keys,
@@ -30,7 +29,7 @@ from conftest import (
     start_server,
     stop_server,
 )
-from fault_support import RedisServer, redis_server, unique_prefix
+from fault_support import RedisServer, flush_redis, redis_server, unique_prefix
 
 from centime.settings import Settings
 
@@ -119,12 +118,7 @@ async def test_a_hold_lost_in_a_flush_cannot_be_captured(world: World) -> None:
     hold_id = held.json()["id"]
 
     assert w.settings.redis_url is not None
-    client = redis.Redis.from_url(w.settings.redis_url)
-    try:
-        await client.flushall()
-        assert await client.dbsize() == 0
-    finally:
-        await client.aclose()
+    await flush_redis(w.settings.redis_url)
 
     capture = await w.http.post(
         f"/v1/holds/{hold_id}/capture", json={"amount_micros": 1_000}, headers=auth(w.keys.debit)

@@ -32,8 +32,16 @@ from conftest import (
     start_server,
     stop_server,
 )
-from fault_support import FAULT_ENV, RedisServer, cache_for, on_own_redis, redis_balances, redis_server
-from stripe_support import FakeStripe, make_dispute, make_event, pay, sign, stripe_client
+from fault_support import (
+    FAULT_ENV,
+    RedisServer,
+    cache_for,
+    on_own_redis,
+    paid_intent,
+    redis_balances,
+    redis_server,
+)
+from stripe_support import FakeStripe, make_dispute, make_event, sign, stripe_client
 
 from centime.settings import Settings
 
@@ -96,14 +104,7 @@ async def _paid_event(
     http: httpx.AsyncClient, keys: Keys, fake: FakeStripe, wallet_id: str
 ) -> tuple[bytes, str]:
     """A top-up of TOPUP_MICROS paid at the fake: its success event and its charge id."""
-    created = await http.post(
-        f"/v1/wallets/{wallet_id}/topups", json={"amount_micros": TOPUP_MICROS}, headers=auth(keys.debit)
-    )
-    assert created.status_code == 201, created.text
-    client = stripe_client(fake.base_url)
-    intent_id = created.json()["payment_intent_id"]
-    await pay(client, intent_id)
-    intent = (await client.v1.payment_intents.retrieve_async(intent_id)).to_dict()
+    intent = await paid_intent(http, keys, fake, wallet_id, TOPUP_MICROS)
     return make_event("payment_intent.succeeded", intent), str(intent["latest_charge"])
 
 

@@ -30,12 +30,13 @@ from fault_support import (
     migrated_database,
     needs_cluster,
     on_own_redis,
+    paid_intent,
     private_cluster,
     redis_balances,
     redis_server,
     stores_of_own,
 )
-from stripe_support import FakeStripe, make_event, pay, sign, stripe_client
+from stripe_support import FakeStripe, make_event, sign
 
 from centime.settings import Settings
 
@@ -58,14 +59,7 @@ async def wait_until(predicate: Callable[[], Awaitable[bool]], what: str) -> Non
 async def paid_topup_event(http: httpx.AsyncClient, keys: Keys, fake: FakeStripe) -> tuple[str, bytes]:
     """A wallet, its top-up paid at the fake, and the success event (not delivered)."""
     wallet_id = await new_wallet(http, keys)
-    created = await http.post(
-        f"/v1/wallets/{wallet_id}/topups", json={"amount_micros": AMOUNT_MICROS}, headers=auth(keys.debit)
-    )
-    assert created.status_code == 201, created.text
-    client = stripe_client(fake.base_url)
-    intent_id = created.json()["payment_intent_id"]
-    await pay(client, intent_id)
-    intent = (await client.v1.payment_intents.retrieve_async(intent_id)).to_dict()
+    intent = await paid_intent(http, keys, fake, wallet_id, AMOUNT_MICROS)
     return wallet_id, make_event("payment_intent.succeeded", intent)
 
 

@@ -205,6 +205,15 @@ def _owner_ids(request: Request) -> frozenset[str] | None:
     return request.scope["state"]["api_key"].owner_ids
 
 
+def topups_service(
+    pool: asyncpg.Pool, cache: Cache, gateway: StripeGateway | None, settings: Settings
+) -> TopUps:
+    """The top-up service on these stores, reaching wallets through wallet.for_topups."""
+    timeout_s = settings.database_timeout_ms / 1000
+    wallets = TopUpWallets(pool=pool, cache=cache, timeout_s=timeout_s)
+    return TopUps(pool=pool, wallets=wallets, gateway=gateway, settings=settings)
+
+
 def stripe_gateway(settings: Settings) -> StripeGateway | None:
     """The Stripe client, or None when no secret key is set (top-ups off)."""
     if settings.stripe_secret_key is None:
@@ -397,12 +406,7 @@ async def _compose(app: Litestar, settings: Settings, stack: contextlib.AsyncExi
         cache=cache,
         wallets=wallets,
         holds=Holds(wallets=wallets),
-        topups=TopUps(
-            pool=pool,
-            wallets=TopUpWallets(pool=pool, cache=cache, timeout_s=timeout_s),
-            gateway=gateway,
-            settings=settings,
-        ),
+        topups=topups_service(pool, cache, gateway, settings),
         timeout_s=timeout_s,
         key_store=key_store,
         metrics_token=settings.metrics_token,

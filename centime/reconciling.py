@@ -9,14 +9,12 @@ from collections.abc import AsyncIterator
 import asyncpg
 import msgspec
 
-from centime.app import stripe_gateway
+from centime.app import stripe_gateway, topups_service
 from centime.settings import Settings
 from reconcile.schemas import Drift, DriftReport
 from reconcile.service import Reconciler
 from reconcile.stripe_source import BalanceTransactions
-from topup.service import TopUps
 from wallet.cache import Cache
-from wallet.for_topups import TopUpWallets
 from wallet.maintenance import find_drift
 
 SETTLE_MARGIN_S = 1.0
@@ -50,12 +48,7 @@ async def reconciler(settings: Settings, pool: asyncpg.Pool, cache: Cache) -> As
     try:
         yield Reconciler(
             pool=pool,
-            topups=TopUps(
-                pool=pool,
-                wallets=TopUpWallets(pool=pool, cache=cache, timeout_s=timeout_s),
-                gateway=gateway,
-                settings=settings,
-            ),
+            topups=topups_service(pool, cache, gateway, settings),
             stripe=source,
             check_balances=check_balances,
             timeout_s=timeout_s,
